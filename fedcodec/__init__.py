@@ -1,0 +1,3 @@
+"""fedcodec: communication-efficient federated learning with honest byte accounting."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,185 @@
+"""FedMRN: the update is seeded random noise times a learned 1-bit mask (Li et al., ACM MM 2024).
+
+Every conv/linear kernel ("weight" role) is masked; BatchNorm parameters and running statistics
+train normally and travel as float32. The uplink body is::
+
+    seed u64 | mask kind u8 | noise kind u8 | alpha f32 | mask bits ceil(n/8) | float32 dense values
+
+The server regenerates the noise from the seed with the same generator (NumPy's PCG64, whose bit
+stream is stable across platforms and versions) and rebuilds ``noise * mask`` exactly.
+
+Masking, for latent update ``U`` and noise ``N`` (``r = U / N``):
+
+* binary: ``p = clip(r, 0, 1)``, ``m ~ Bernoulli(p)`` in {0, 1}, update ``N * m``;
+* signed: ``p = clip((r + 1) / 2, 0, 1)``, ``m = 2 Bernoulli(p) - 1`` in {-1, +1}, update ``N * m``.
+
+``sm`` (stochastic masking) draws ``m`` afresh at every forward pass; with ``sm`` off the mask is the
+deterministic rounding ``p > 0.5``. ``pm`` (progressive masking) uses the mask for each element
+with probability ``t / T`` at local step ``t`` of ``T`` and the continuous ``clip(r) * N`` otherwise.
+PSM is ``sm`` and ``pm`` together (the paper's default). Gradients pass straight through the
+masking and clipping. After training a fresh mask is drawn from the final ``p`` (rounded when
+``sm`` is off); that mask is what is sent.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import numpy as np
+import torch
+
+from ..errors import ConfigError, PayloadError
+from .base import Codec, CodecContext, Parametrization, TensorSpec, Update, register
+from .wire import BodyReader, BodyWriter
+
+MASKS = ("binary", "signed")
+NOISES = ("uniform", "gaussian", "rademacher")
+NOISE_FLOOR = np.float32(1e-8)
+
+
+def make_noise(seed: int, n: int, kind: str, alpha: float) -> np.ndarray:
+    """``n`` float32 noise values from ``seed``; bit-identical on every machine.
+
+    uniform: ``alpha * U(-1, 1)``; gaussian: ``alpha * N(0, 1)``; rademacher: ``alpha * ±1``.
+    Magnitudes below 1e-8 are raised to 1e-8 (keeping the sign) so ``U / N`` stays finite.
+    """
+    rng = np.random.Generator(np.random.PCG64(seed))
+    a = np.float32(alpha)
+    if kind == "uniform":
+        base = rng.random(n, dtype=np.float32) * np.float32(2) - np.float32(1)
+    elif kind == "gaussian":
+        base = rng.standard_normal(n, dtype=np.float32)
+    elif kind == "rademacher":
+        base = rng.integers(0, 2, n, dtype=np.int8).astype(np.float32) * np.float32(2) - np.float32(1)
+    else:
+        raise ConfigError(f"unknown noise {kind!r}; choose one of {NOISES}")
+    noise = base * a
+    small = np.abs(noise) < NOISE_FLOOR
+    noise[small] = np.where(noise[small] < 0, -NOISE_FLOOR, NOISE_FLOOR)
+    return noise
+
+
+def mask_probability(ratio: torch.Tensor, mask: str) -> torch.Tensor:
+    """P(bit = 1) for latent/noise ratio ``ratio``."""
+    if mask == "binary":
+        return ratio.clamp(0.0, 1.0)
+    return ((ratio + 1.0) * 0.5).clamp(0.0, 1.0)
+
+
+def bits_to_mask(bits: torch.Tensor, mask: str) -> torch.Tensor:
+    """{0,1} bits as the mask's values: {0,1} for binary, {-1,+1} for signed."""
+    bits = bits.to(torch.float32)
+    return bits if mask == "binary" else bits * 2.0 - 1.0
+
+
+def progressive_probability(step: int, total_steps: int) -> float:
+    """PM's chance that an element uses its mask at local step ``step`` (0-based) of ``total_steps``."""
+    return (step + 1) / total_steps
+
+
+class MaskedNoiseTraining(Parametrization):
+    """Train a latent update ``U`` (reset to 0) inside frozen noise; see the module docstring."""
+
+    def __init__(self, specs: list[TensorSpec], noise: dict[str, torch.Tensor], mask: str,
+                 sm: bool, pm: bool, gen: torch.Generator):
+        self.names = tuple(t.name for t in specs)
+        self.noise = noise
+        self.mask, self.sm, self.pm, self.gen = mask, sm, pm, gen
+
+    def init(self) -> Update:
+        return {n: torch.zeros_like(self.noise[n], requires_grad=True) for n in self.names}
+
+    def _sample(self, p: torch.Tensor) -> torch.Tensor:
+        if self.sm:
+            bits = torch.rand(p.shape, generator=self.gen) < p
+        else:
+            bits = p > 0.5
+        return bits_to_mask(bits, self.mask)
+
+    def _continuous(self, ratio: torch.Tensor) -> torch.Tensor:
+        return ratio.clamp(0.0, 1.0) if self.mask == "binary" else ratio.clamp(-1.0, 1.0)
+
+    def deltas(self, latent: Update, progress: float) -> Update:
+        out = {}
+        for n in self.names:
+            u, noise = latent[n], self.noise[n]
+            with torch.no_grad():
+                ratio = u / noise
+                value = self._sample(mask_probability(ratio, self.mask))
+                if self.pm:
+                    keep = torch.rand(u.shape, generator=self.gen) < progress
+                    value = torch.where(keep, value, self._continuous(ratio))
+                value = value * noise
+            out[n] = value + (u - u.detach())  # exact forward value; straight-through: d(out)/dU = 1
+        return out
+
+    def finish(self, latent: Update) -> Update:
+        with torch.no_grad():
+            return {n: self._continuous(latent[n] / self.noise[n]) * self.noise[n] for n in self.names}
+
+
+@register("fedmrn", "1-bit mask over seeded random noise (FedMRN)",
+          mask="binary", noise="uniform", alpha=0.01, sm=True, pm=True)
+class FedMRNCodec(Codec):
+    codec_id = "fedmrn"
+
+    def __init__(self, mask: str, noise: str, alpha: float, sm: bool, pm: bool):
+        if mask not in MASKS:
+            raise ConfigError(f"unknown mask {mask!r}; choose one of {MASKS}")
+        if noise not in NOISES:
+            raise ConfigError(f"unknown noise {noise!r}; choose one of {NOISES}")
+        if not alpha > 0:
+            raise ConfigError(f"alpha must be positive, got {alpha}")
+        self.mask, self.noise, self.alpha = mask, noise, float(np.float32(alpha))
+        self.sm, self.pm = bool(sm), bool(pm)
+
+    @staticmethod
+    def _split(ctx: CodecContext) -> tuple[list[TensorSpec], list[TensorSpec]]:
+        return ctx.spec.select(("weight",)), ctx.spec.select(("param", "buffer"))
+
+    def noise_tensors(self, seed: int, specs: list[TensorSpec], noise: str | None = None,
+                      alpha: float | None = None) -> dict[str, torch.Tensor]:
+        from .base import ModelSpec
+
+        n = sum(t.numel for t in specs)
+        flat = make_noise(seed, n, noise or self.noise, self.alpha if alpha is None else alpha)
+        return ModelSpec(tuple(specs)).unflatten(flat, specs)
+
+    def parametrization(self, ctx: CodecContext, global_params: Update) -> Parametrization:
+        masked, _ = self._split(ctx)
+        return MaskedNoiseTraining(masked, self.noise_tensors(ctx.seed, masked), self.mask,
+                                   self.sm, self.pm, ctx.rng)
+
+    def encode_body(self, update: Mapping[str, torch.Tensor], ctx: CodecContext) -> bytes:
+        masked, dense = self._split(ctx)
+        noise = torch.from_numpy(make_noise(ctx.seed, sum(t.numel for t in masked), self.noise, self.alpha))
+        delta = torch.from_numpy(ctx.spec.flatten(update, masked))
+        p = mask_probability(delta / noise, self.mask)
+        bits = (torch.rand(p.shape, generator=ctx.rng) < p) if self.sm else (p > 0.5)
+        packed = np.packbits(bits.numpy(), bitorder="little")
+        w = BodyWriter().u64(ctx.seed).u8(MASKS.index(self.mask)).u8(NOISES.index(self.noise)).f32(self.alpha)
+        return w.raw(packed).raw(ctx.spec.flatten(update, dense).astype("<f4", copy=False)).getvalue()
+
+    def decode_body(self, reader: BodyReader, ctx: CodecContext) -> Update:
+        masked, dense = self._split(ctx)
+        n = sum(t.numel for t in masked)
+        seed = reader.u64("seed")
+        mask_i, noise_i = reader.u8("mask kind"), reader.u8("noise kind")
+        alpha = reader.f32("alpha")
+        if mask_i >= len(MASKS) or noise_i >= len(NOISES):
+            raise PayloadError("field", f"unknown mask kind {mask_i} or noise kind {noise_i}")
+        if not (np.isfinite(alpha) and 0 < alpha <= 1e3):
+            raise PayloadError("field", f"alpha {alpha} is not a positive finite scale")
+        expected = (n + 7) // 8 + 4 * sum(t.numel for t in dense)
+        if reader.remaining != expected:
+            raise PayloadError("size", f"body carries {reader.remaining} bytes after its fields; the model "
+                                       f"needs {expected}")
+        packed = reader.array(np.uint8, (n + 7) // 8, "mask bits")
+        if n % 8 and packed[-1] >> (n % 8):
+            raise PayloadError("field", "padding bits after the last mask bit are not zero")
+        bits = torch.from_numpy(np.unpackbits(packed, count=n, bitorder="little"))
+        noise = torch.from_numpy(make_noise(seed, n, NOISES[noise_i], alpha))
+        values = (noise * bits_to_mask(bits, MASKS[mask_i])).numpy()
+        out = ctx.spec.unflatten(values, masked)
+        out.update(ctx.spec.unflatten(reader.array("<f4", sum(t.numel for t in dense), "dense values"), dense))
+        return out

@@ -1,0 +1,117 @@
+"""The client function: decode the broadcast, train locally, encode the update.
+
+This is the one piece of client code in fedcodec; the in-process simulator and the Flower ClientApp
+both call :func:`client_fit`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call
+
+from ..codecs import Codec, CodecContext, ModelSpec, Parametrization, Update
+from . import rng as rngs
+
+
+@dataclass(frozen=True)
+class LocalTraining:
+    epochs: int
+    batch_size: int
+    lr: float
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+
+
+@dataclass
+class ClientRuntime:
+    """What a client process holds across rounds: its model object, the spec and the codecs."""
+
+    model: nn.Module
+    spec: ModelSpec
+    uplink: Codec
+    downlink: Codec
+    run_seed: int
+
+    def __post_init__(self) -> None:
+        self.tensors = dict(self.model.named_parameters()) | dict(self.model.named_buffers())
+
+    def load(self, params: Update) -> None:
+        with torch.no_grad():
+            for name, value in params.items():
+                self.tensors[name].copy_(value)
+
+    def snapshot(self) -> Update:
+        return {t.name: self.tensors[t.name].detach().clone() for t in self.spec.tensors}
+
+
+def batches(num: int, batch_size: int, gen: torch.Generator) -> Iterator[torch.Tensor]:
+    """Positions of one shuffled epoch in batches; a trailing batch of one sample is dropped
+    (BatchNorm cannot train on a single sample)."""
+    perm = torch.randperm(num, generator=gen)
+    for start in range(0, num, batch_size):
+        chunk = perm[start:start + batch_size]
+        if len(chunk) > 1:
+            yield chunk
+
+
+def steps_per_epoch(num: int, batch_size: int) -> int:
+    full, rest = divmod(num, batch_size)
+    return full + (1 if rest > 1 else 0)
+
+
+def local_train(rt: ClientRuntime, global_params: Update, x: torch.Tensor, y: torch.Tensor,
+                cfg: LocalTraining, param: Parametrization | None, shuffle: torch.Generator) -> tuple[Update, float]:
+    """Train from ``global_params`` on (x, y); return the update and the mean loss of the last epoch."""
+    rt.load(global_params)
+    model = rt.model
+    model.train()
+    latent = param.init() if param is not None else {}
+    frozen = set(latent)
+    trainable = [p for n, p in model.named_parameters() if n not in frozen] + list(latent.values())
+    opt = torch.optim.SGD(trainable, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    total = cfg.epochs * steps_per_epoch(len(x), cfg.batch_size)
+    step, last_loss = 0, math.nan
+    for _ in range(cfg.epochs):
+        loss_sum, count = 0.0, 0
+        for idx in batches(len(x), cfg.batch_size, shuffle):
+            xb, yb = x[idx], y[idx]
+            if param is None:
+                out = model(xb)
+            else:
+                deltas = param.deltas(latent, (step + 1) / total)
+                out = functional_call(model, {n: global_params[n] + d for n, d in deltas.items()}, (xb,))
+            loss = F.cross_entropy(out, yb)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            loss_sum += loss.detach().item() * len(idx)
+            count += len(idx)
+            step += 1
+        last_loss = loss_sum / max(count, 1)
+    update: Update = param.finish(latent) if param is not None else {}
+    with torch.no_grad():
+        for t in rt.spec.tensors:
+            if t.name not in frozen:
+                update[t.name] = rt.tensors[t.name].detach() - global_params[t.name]
+    return update, last_loss
+
+
+def client_fit(rt: ClientRuntime, broadcast: bytes, x: torch.Tensor, y: torch.Tensor, cfg: LocalTraining,
+               rnd: int, client: int) -> tuple[bytes, dict]:
+    """One client's round: bytes in (the global model), bytes out (the encoded update)."""
+    down_ctx = CodecContext(rt.spec, client=-1, round=rnd)
+    global_params = rt.downlink.decode(broadcast, down_ctx)
+    seed = rngs.derive_seed(rt.run_seed, rnd, rngs.CLIENT_NOISE, client)
+    ctx = CodecContext(rt.spec, client=client, round=rnd, seed=seed,
+                       rng=rngs.torch_generator(rngs.derive_seed(rt.run_seed, rnd, rngs.CLIENT_CODEC, client)))
+    param = rt.uplink.parametrization(ctx, global_params)
+    shuffle = rngs.torch_generator(rngs.derive_seed(rt.run_seed, rnd, rngs.CLIENT_TRAIN, client))
+    update, loss = local_train(rt, global_params, x, y, cfg, param, shuffle)
+    payload = rt.uplink.encode(update, ctx)
+    return payload, {"train_loss": loss, "num_examples": len(x)}

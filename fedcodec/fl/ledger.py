@@ -1,0 +1,37 @@
+"""The byte ledger: one row per payload that crossed the wire, holding ``len()`` of its bytes."""
+
+from __future__ import annotations
+
+import csv
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Entry:
+    round: int
+    client: int
+    direction: str  # "up" (client → server) or "down" (server → client)
+    codec: str
+    nbytes: int
+
+
+@dataclass
+class Ledger:
+    entries: list[Entry] = field(default_factory=list)
+
+    def record(self, rnd: int, client: int, direction: str, codec: str, payload: bytes) -> int:
+        n = len(payload)
+        self.entries.append(Entry(rnd, client, direction, codec, n))
+        return n
+
+    def total(self, direction: str, rnd: int | None = None) -> int:
+        return sum(e.nbytes for e in self.entries
+                   if e.direction == direction and (rnd is None or e.round == rnd))
+
+    def write_csv(self, path: Path) -> None:
+        with open(path, "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["round", "client", "direction", "codec", "bytes"])
+            for e in self.entries:
+                w.writerow([e.round, e.client, e.direction, e.codec, e.nbytes])

@@ -1,0 +1,28 @@
+"""Every random choice in a run is a pure function of (run seed, round, purpose, client).
+
+No generator state is carried from round to round, so a run resumed at round r makes exactly the
+choices an uninterrupted run makes, and clients can be trained in any order or place.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+# purposes (the third element of every seed path)
+SAMPLING, CLIENT_TRAIN, CLIENT_CODEC, CLIENT_NOISE = 1, 2, 3, 4
+
+
+def derive_seed(*path: int) -> int:
+    """A 64-bit seed from a path of non-negative integers."""
+    lo, hi = np.random.SeedSequence([int(p) for p in path]).generate_state(2, np.uint32)
+    return int(lo) | (int(hi) << 32)
+
+
+def torch_generator(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed & 0x7FFF_FFFF_FFFF_FFFF)
+
+
+def sample_clients(run_seed: int, rnd: int, num_clients: int, per_round: int) -> list[int]:
+    rng = np.random.default_rng(derive_seed(run_seed, rnd, SAMPLING))
+    return sorted(int(c) for c in rng.choice(num_clients, size=per_round, replace=False))

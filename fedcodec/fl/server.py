@@ -1,0 +1,67 @@
+"""The server function: broadcast, decode each client's bytes, aggregate the ones that decode.
+
+Shared by the in-process simulator and the Flower strategy.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import torch
+
+from ..codecs import Codec, CodecContext, ModelSpec, Update
+from ..errors import PayloadError
+
+log = logging.getLogger("fedcodec.server")
+
+
+@dataclass
+class RoundOutcome:
+    accepted: list[int] = field(default_factory=list)
+    rejected: dict[int, str] = field(default_factory=dict)
+
+
+def broadcast(downlink: Codec, spec: ModelSpec, global_params: Update, rnd: int) -> bytes:
+    return downlink.encode(global_params, CodecContext(spec, client=-1, round=rnd))
+
+
+def aggregate(spec: ModelSpec, global_params: Update, updates: list[tuple[int, float, Update]]) -> Update:
+    """Global + the example-weighted mean of the updates, summed in client-id order."""
+    if not updates:
+        return global_params
+    updates = sorted(updates, key=lambda u: u[0])
+    total = sum(w for _, w, _ in updates)
+    new = {}
+    for t in spec.tensors:
+        acc = torch.zeros(t.shape, dtype=torch.float64)
+        for _, w, upd in updates:
+            acc += upd[t.name].to(torch.float64) * (w / total)
+        new[t.name] = (global_params[t.name].to(torch.float64) + acc).to(torch.float32)
+    return new
+
+
+def server_round(uplink: Codec, spec: ModelSpec, global_params: Update, rnd: int,
+                 payloads: dict[int, tuple[bytes, float]], min_clients: int = 1) -> tuple[Update, RoundOutcome]:
+    """Decode ``payloads`` ({client: (bytes, weight)}), reject bad ones, aggregate the rest.
+
+    A rejected payload is logged with the client and the reason and leaves no trace in the model. If
+    fewer than ``min_clients`` payloads decode, the global model is kept unchanged for this round.
+    """
+    outcome = RoundOutcome()
+    decoded = []
+    for client in sorted(payloads):
+        data, weight = payloads[client]
+        try:
+            upd = uplink.decode(data, CodecContext(spec, client=client, round=rnd))
+        except PayloadError as err:
+            log.warning("round %d: %s", rnd, err)
+            outcome.rejected[client] = str(err)
+            continue
+        decoded.append((client, weight, upd))
+        outcome.accepted.append(client)
+    if len(decoded) < min_clients:
+        log.warning("round %d: only %d of %d payloads usable (< %d); global model unchanged",
+                    rnd, len(decoded), len(payloads), min_clients)
+        return global_params, outcome
+    return aggregate(spec, global_params, decoded), outcome

@@ -1,0 +1,111 @@
+"""Results on disk: per-method JSON/CSV and ledger, a combined Markdown table and a PNG plot."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+from .codecs import CodecContext, ModelSpec, build_codec
+
+MB = 1e6
+
+
+def fp32_reference_bytes(spec: ModelSpec) -> int:
+    """``len()`` of a real float32 payload of the whole update: FedAvg's uplink for this model."""
+    import torch
+
+    zero = {t.name: torch.zeros(t.shape) for t in spec.tensors}
+    return len(build_codec("fp32").encode(zero, CodecContext(spec, client=0, round=0)))
+
+
+def summarize(method: str, records: list[dict], spec: ModelSpec) -> dict[str, Any]:
+    accs = [r["accuracy"] for r in records if "accuracy" in r]
+    client_rounds = sum(r["clients"] for r in records)
+    up = sum(r["uplink_bytes"] for r in records)
+    down = sum(r["downlink_bytes"] for r in records)
+    per_client = up / client_rounds
+    return {
+        "method": method,
+        "rounds": len(records),
+        "final_accuracy": accs[-1] if accs else math.nan,
+        "best_accuracy": max(accs) if accs else math.nan,
+        "uplink_bytes_per_client_round": per_client,
+        "downlink_bytes_per_client_round": down / client_rounds,
+        "uplink_total_bytes": up,
+        "downlink_total_bytes": down,
+        "bits_per_parameter": 8 * per_client / spec.numel(),
+        "ratio_vs_fp32": fp32_reference_bytes(spec) / per_client,
+        "seconds_per_round": sum(r["seconds"] for r in records) / len(records),
+        "rejected_payloads": sum(r["rejected"] for r in records),
+    }
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def write_method(out: Path, config: dict, records: list[dict], summary: dict, ledger) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    _atomic_write(out / "metrics.json", json.dumps({"config": config, "summary": summary, "rounds": records},
+                                                   indent=1))
+    keys = list(dict.fromkeys(k for r in records for k in r))
+    with open(out / "metrics.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=keys)
+        w.writeheader()
+        w.writerows(records)
+    ledger.write_csv(out / "ledger.csv")
+
+
+def markdown_table(summaries: list[dict]) -> str:
+    """One row per method; the ratio is to the FedAvg row when present, else to a float32 payload."""
+    base = next((s for s in summaries if s["method"] == "fedavg"), None)
+    head = ("| method | final acc | best acc | uplink B/client/round | bits/param | ratio vs FedAvg "
+            "| downlink B/client/round | s/round |\n|---|---:|---:|---:|---:|---:|---:|---:|")
+    rows = []
+    for s in summaries:
+        ratio = (base["uplink_bytes_per_client_round"] / s["uplink_bytes_per_client_round"]
+                 if base else s["ratio_vs_fp32"])
+        rows.append(f"| {s['method']} | {100 * s['final_accuracy']:.2f} | {100 * s['best_accuracy']:.2f} "
+                    f"| {s['uplink_bytes_per_client_round']:,.0f} | {s['bits_per_parameter']:.3f} "
+                    f"| {ratio:.1f}x | {s['downlink_bytes_per_client_round']:,.0f} "
+                    f"| {s['seconds_per_round']:.1f} |")
+    return "\n".join([head, *rows])
+
+
+def plot(runs: dict[str, list[dict]], path: Path, title: str) -> None:
+    """Accuracy vs round and vs cumulative uplink MB (log x), one curve per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for method, records in runs.items():
+        cum, xs_r, xs_mb, ys = 0.0, [], [], []
+        for r in records:
+            cum += r["uplink_bytes"] / MB
+            if "accuracy" in r:
+                xs_r.append(r["round"])
+                xs_mb.append(cum)
+                ys.append(100 * r["accuracy"])
+        a.plot(xs_r, ys, marker="o", ms=3, label=method)
+        b.plot(xs_mb, ys, marker="o", ms=3, label=method)
+    a.set_xlabel("round")
+    b.set_xlabel("cumulative uplink (MB, all clients)")
+    b.set_xscale("log")
+    for ax in (a, b):
+        ax.set_ylabel("test accuracy (%)")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    os.replace(tmp, path)

@@ -1,0 +1,189 @@
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from fedcodec.cli import main
+from fedcodec.codecs import wire
+from fedcodec.config import Config, build_config
+from fedcodec.data import make_synthetic_images
+from fedcodec.data.fashion_mnist import FILES
+from fedcodec.data.idx import write_idx
+from fedcodec.errors import ConfigError
+from fedcodec.fl import simulation
+from fedcodec.fl.server import aggregate, server_round
+from fedcodec.fl.simulation import run_round, setup
+
+SOURCE = make_synthetic_images(400, 200, seed=0)
+
+
+def small_config(method="fedavg", **kw) -> Config:
+    base = dict(method=method, num_clients=8, clients_per_round=4, rounds=2, local_epochs=1, batch_size=16,
+                seed=5)
+    return Config(**{**base, **kw}).validate()
+
+
+def run(cfg: Config):
+    sim, state = setup(cfg, SOURCE)
+    for _ in range(cfg.rounds):
+        state = run_round(sim, state)
+    return sim, state
+
+
+@pytest.fixture
+def recorded(monkeypatch):
+    """Wrap the client function and record every payload it returns."""
+    sent = []
+    real = simulation.client_fit
+
+    def spy(rt, broadcast, x, y, cfg, rnd, client):
+        payload, info = real(rt, broadcast, x, y, cfg, rnd, client)
+        sent.append((rnd, client, len(broadcast), payload))
+        return payload, info
+
+    monkeypatch.setattr(simulation, "client_fit", spy)
+    return sent
+
+
+@pytest.mark.parametrize("method", ["fedavg", "fedmrn-binary"])
+def test_ledger_equals_sum_of_payload_lengths(method, recorded):
+    sim, state = run(small_config(method))
+    up = [e for e in state.ledger.entries if e.direction == "up"]
+    down = [e for e in state.ledger.entries if e.direction == "down"]
+    assert [(e.round, e.client, e.nbytes) for e in up] == [(r, c, len(p)) for r, c, _, p in recorded]
+    assert [(e.round, e.client, e.nbytes) for e in down] == [(r, c, n) for r, c, n, _ in recorded]
+    for rec in state.records:
+        assert rec["uplink_bytes"] == sum(len(p) for r, _, _, p in recorded if r == rec["round"])
+    if method == "fedmrn-binary":
+        spec = sim.spec
+        expected = (wire.envelope_overhead("fedmrn") + 14 + math.ceil(spec.numel(("weight",)) / 8)
+                    + 4 * spec.numel(("param", "buffer")))
+        assert {e.nbytes for e in up} == {expected}
+
+
+@pytest.mark.parametrize("method", ["fedavg", "fedmrn-signed"])
+def test_same_seed_gives_identical_runs(method):
+    _, a = run(small_config(method))
+    _, b = run(small_config(method))
+    strip = lambda recs: [{k: v for k, v in r.items() if "seconds" not in k} for r in recs]  # noqa: E731
+    assert strip(a.records) == strip(b.records)
+    assert all(torch.equal(a.global_params[k], b.global_params[k]) for k in a.global_params)
+    _, c = run(small_config(method, seed=6))
+    assert not all(torch.equal(a.global_params[k], c.global_params[k]) for k in a.global_params)
+
+
+def test_malformed_payload_is_rejected_and_round_goes_on(monkeypatch, caplog):
+    real = simulation.client_fit
+    victims = []
+
+    def corrupting(rt, broadcast, x, y, cfg, rnd, client):
+        payload, info = real(rt, broadcast, x, y, cfg, rnd, client)
+        if not victims:  # the first client of the round sends a truncated payload
+            victims.append(client)
+            payload = payload[:-100]
+        return payload, info
+
+    cfg = small_config("fedmrn-binary", rounds=1)
+    sim, state = setup(cfg, SOURCE)
+    before = {k: v.clone() for k, v in state.global_params.items()}
+    monkeypatch.setattr(simulation, "client_fit", corrupting)
+    captured = {}
+    real_server = simulation.server_round
+
+    def capture(uplink, spec, global_params, rnd, payloads, min_clients=1):
+        captured.update(payloads)
+        return real_server(uplink, spec, global_params, rnd, payloads, min_clients)
+
+    monkeypatch.setattr(simulation, "server_round", capture)
+    state = run_round(sim, state)
+    rec = state.records[0]
+    assert rec["rejected"] == 1 and rec["accepted"] == cfg.clients_per_round - 1
+    assert f"client {victims[0]}: rejected payload" in caplog.text
+    # the new model is exactly the aggregate of the good clients alone
+    good = {c: p for c, p in captured.items() if c != victims[0]}
+    expected, _ = real_server(sim.runtime.uplink, sim.spec, before, 1, good)
+    assert all(torch.equal(state.global_params[k], expected[k]) for k in expected)
+    assert all(torch.isfinite(v).all() for v in state.global_params.values())
+
+
+def test_min_clients_keeps_model_when_too_few_decode():
+    cfg = small_config(rounds=1)
+    sim, state = setup(cfg, SOURCE)
+    params, outcome = server_round(sim.runtime.uplink, sim.spec, state.global_params, 1,
+                                   {0: (b"junk", 1.0), 1: (b"", 1.0)}, min_clients=1)
+    assert params is state.global_params and set(outcome.rejected) == {0, 1}
+
+
+def test_aggregate_is_example_weighted():
+    cfg = small_config(rounds=1)
+    sim, state = setup(cfg, SOURCE)
+    g = state.global_params
+    ones = {k: torch.ones_like(v) for k, v in g.items()}
+    threes = {k: 3 * torch.ones_like(v) for k, v in g.items()}
+    new = aggregate(sim.spec, g, [(1, 3.0, ones), (0, 1.0, threes)])
+    for k in g:
+        assert torch.allclose(new[k], g[k] + 1.5)
+
+
+@pytest.mark.parametrize("method", ["fedavg", "fedmrn-binary"])
+def test_training_learns_on_fixture_data(method):
+    cfg = small_config(method, rounds=4, local_epochs=2, batch_size=10, num_clients=4, clients_per_round=4)
+    _, state = run(cfg)
+    assert state.records[-1]["accuracy"] > 0.5  # 10 classes: chance is 0.1
+    assert state.records[-1]["train_loss"] < state.records[0]["train_loss"]
+
+
+def _write_fixture(root):
+    """A learnable Fashion-MNIST-shaped IDX fixture: class-dependent bright square plus noise."""
+    rng = np.random.default_rng(0)
+    for images, labels, n in ((FILES[0], FILES[1], 300), (FILES[2], FILES[3], 100)):
+        y = np.arange(n) % 10
+        x = rng.integers(0, 60, (n, 28, 28)).astype(np.uint8)
+        for i, c in enumerate(y):
+            x[i, 2 * c:2 * c + 8, 2 * c:2 * c + 8] = 250
+        write_idx(root / images, x)
+        write_idx(root / labels, y.astype(np.uint8))
+
+
+def test_cli_end_to_end_on_idx_fixture(tmp_path, capsys):
+    data = tmp_path / "fmnist"
+    data.mkdir()
+    _write_fixture(data)
+    code = main(["run", "--data-dir", str(data), "--set", "allow_subset=true", "--rounds", "2",
+                 "--clients", "6", "--per-round", "3", "--local-epochs", "1", "--method", "fedavg,fedmrn-binary",
+                 "--out", str(tmp_path / "out"), "--name", "t", "--no-progress"])
+    assert code == 0
+    root = tmp_path / "out" / "t"
+    for f in ("results.md", "plot.png", "fedavg/metrics.json", "fedavg/metrics.csv", "fedmrn-binary/ledger.csv"):
+        assert (root / f).exists(), f
+    fedavg = json.loads((root / "fedavg" / "metrics.json").read_text())
+    mrn = json.loads((root / "fedmrn-binary" / "metrics.json").read_text())
+    assert len(fedavg["rounds"]) == 2
+    ratio = fedavg["summary"]["uplink_bytes_per_client_round"] / mrn["summary"]["uplink_bytes_per_client_round"]
+    assert 25 < ratio < 32  # CNN4: 1 bit per kernel weight + fp32 BatchNorm vs 32 bits everywhere
+    out = capsys.readouterr().out
+    assert "| fedmrn-binary |" in out and "ratio vs FedAvg" in out
+
+
+def test_cli_reports_config_errors(capsys, tmp_path):
+    assert main(["run", "--method", "nope", "--out", str(tmp_path)]) == 2
+    assert "unknown method" in capsys.readouterr().err
+    assert main(["run", "--set", "colour=blue", "--out", str(tmp_path)]) == 2
+    assert "unknown config key" in capsys.readouterr().err
+
+
+def test_config_layers_and_validation(tmp_path):
+    f = tmp_path / "c.toml"
+    f.write_text('rounds = 7\nmethod = "fedmrn-signed"\n[codec_options]\nnoise = "gaussian"\n')
+    cfg = build_config("bench", f, {"seed": "3"})
+    assert (cfg.rounds, cfg.local_epochs, cfg.seed, cfg.client_lr) == (7, 2, 3, 0.1)
+    assert cfg.uplink_options == {"mask": "signed", "alpha": 0.005, "noise": "gaussian"}
+    with pytest.raises(ConfigError, match="clients_per_round"):
+        build_config("quick", overrides={"clients_per_round": 1000})
+    with pytest.raises(ConfigError, match="preset"):
+        build_config("huge")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        (tmp_path / "bad.toml").write_text("rounds = = 3")
+        build_config(None, tmp_path / "bad.toml")
