@@ -35,7 +35,7 @@ def _add_run(sub) -> None:
     p.add_argument("--local-epochs", type=int)
     p.add_argument("--batch-size", type=int)
     p.add_argument("--lr", type=float, help="client learning rate (default: the method's own)")
-    p.add_argument("--dataset", choices=["fashion-mnist", "cifar10"])
+    p.add_argument("--dataset", choices=["fashion-mnist", "cifar10", "synthetic"])
     p.add_argument("--model", choices=["cnn4", "cnn8"])
     p.add_argument("--data-dir", help="directory holding the dataset files")
     p.add_argument("--out", help="output root directory (default: runs)")
@@ -44,16 +44,18 @@ def _add_run(sub) -> None:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="any config key, e.g. --set min_client_size=20; codec options as codec.NAME=VALUE, "
                         "e.g. --set codec.noise=gaussian --set codec.pm=false")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted run from its checkpoints (same --out/--name and settings); "
+                        "methods that already finished are not rerun")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def _cmd_run(args) -> int:
     import torch
-    from tqdm import tqdm
 
     from .data import load_dataset
-    from .fl.simulation import run_round, setup
-    from .report import markdown_table, plot, summarize, write_method
+    from .fl.runner import run_method
+    from .report import atomic_write_text, markdown_table, plot
 
     overrides, codec_opts = parse_assignments(args.set)
     for flag, key in _FLAG_KEYS.items():
@@ -70,21 +72,12 @@ def _cmd_run(args) -> int:
     source = load_dataset(first.dataset, first.data_dir, allow_subset=first.allow_subset)
     runs, summaries = {}, []
     for cfg in configs:
-        sim, state = setup(cfg, source)
-        bar = tqdm(total=cfg.rounds, desc=cfg.method, disable=args.no_progress, unit="round")
-        for _ in range(cfg.rounds):
-            state = run_round(sim, state)
-            r = state.records[-1]
-            bar.set_postfix(acc=f"{100 * r.get('accuracy', float('nan')):.2f}",
-                            up_kB=f"{r['uplink_bytes'] / r['clients'] / 1e3:.1f}")
-            bar.update()
-        bar.close()
-        summary = summarize(cfg.method, state.records, sim.spec)
-        write_method(root / cfg.method, cfg.to_dict(), state.records, summary, state.ledger)
-        runs[cfg.method], summaries = state.records, summaries + [summary]
+        runs[cfg.method], summary = run_method(cfg, source, root / cfg.method, resume=args.resume,
+                                               progress=not args.no_progress)
+        summaries.append(summary)
     table = markdown_table(summaries)
     title = f"{first.dataset}, {first.partition}, {first.num_clients} clients ({first.clients_per_round}/round)"
-    (root / "results.md").write_text(f"# {title}\n\n{table}\n")
+    atomic_write_text(root / "results.md", f"# {title}\n\n{table}\n")
     plot(runs, root / "plot.png", title)
     print(f"\n{title}\n{table}\n\nresults: {root}/results.md  plot: {root}/plot.png")
     return 0

@@ -41,6 +41,8 @@ class Config:
     num_clients: int = 100
     clients_per_round: int = 10
     min_clients: int = 1
+    dropout: float = 0.0  # fraction of sampled clients that fail each round (never send)
+    stragglers: float = 0.0  # fraction that send after the round's deadline (bytes spent, update ignored)
     # data
     dataset: str = "fashion-mnist"
     data_dir: str | None = None
@@ -62,9 +64,11 @@ class Config:
     method: str = "fedavg"
     codec_options: dict[str, Any] = field(default_factory=dict)
     downlink: str = "fp32"
+    max_update_norm: float | None = None  # reject decoded updates with a larger L2 norm
     # evaluation and output
     eval_every: int = 1
     out_dir: str = "runs"
+    checkpoint_every: int = 1
     threads: int | None = None
 
     def method_spec(self) -> Method:
@@ -94,12 +98,20 @@ class Config:
             (self.client_lr > 0, "lr must be positive"),
             (self.beta > 0, "beta (Dirichlet concentration) must be positive"),
             (self.eval_every >= 1, "eval_every must be >= 1"),
+            (self.checkpoint_every >= 1, "checkpoint_every must be >= 1"),
+            (0 <= self.dropout < 1 and 0 <= self.stragglers < 1 and self.dropout + self.stragglers < 1,
+             "dropout and stragglers are fractions of the sampled clients: each in [0, 1), their sum < 1"),
+            (self.max_update_norm is None or self.max_update_norm > 0, "max_update_norm must be positive"),
             (self.partition in ("iid", "dirichlet", "k-classes"),
              f"partition must be iid, dirichlet or k-classes, got {self.partition!r}"),
         ]
         for ok, msg in checks:
             if not ok:
                 raise ConfigError(msg)
+        from .codecs import build_codec
+
+        build_codec(self.method_spec().codec, **self.uplink_options)  # unknown codec options fail here
+        build_codec(self.downlink)
         return self
 
     def to_dict(self) -> dict[str, Any]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import os
@@ -25,9 +26,10 @@ def fp32_reference_bytes(spec: ModelSpec) -> int:
 def summarize(method: str, records: list[dict], spec: ModelSpec) -> dict[str, Any]:
     accs = [r["accuracy"] for r in records if "accuracy" in r]
     client_rounds = sum(r["clients"] for r in records)
+    uploads = sum(r["clients"] - r.get("dropped", 0) for r in records)
     up = sum(r["uplink_bytes"] for r in records)
     down = sum(r["downlink_bytes"] for r in records)
-    per_client = up / client_rounds
+    per_client = up / max(uploads, 1)
     return {
         "method": method,
         "rounds": len(records),
@@ -41,25 +43,28 @@ def summarize(method: str, records: list[dict], spec: ModelSpec) -> dict[str, An
         "ratio_vs_fp32": fp32_reference_bytes(spec) / per_client,
         "seconds_per_round": sum(r["seconds"] for r in records) / len(records),
         "rejected_payloads": sum(r["rejected"] for r in records),
+        "dropped_clients": sum(r.get("dropped", 0) for r in records),
+        "timed_out_clients": sum(r.get("timed_out", 0) for r in records),
     }
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+def atomic_write_text(path: Path, text: str) -> None:
+    from .fl.checkpoint import atomic_write_bytes
+
+    atomic_write_bytes(path, text.encode())
 
 
 def write_method(out: Path, config: dict, records: list[dict], summary: dict, ledger) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    _atomic_write(out / "metrics.json", json.dumps({"config": config, "summary": summary, "rounds": records},
+    atomic_write_text(out / "metrics.json", json.dumps({"config": config, "summary": summary, "rounds": records},
                                                    indent=1))
     keys = list(dict.fromkeys(k for r in records for k in r))
-    with open(out / "metrics.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=keys)
-        w.writeheader()
-        w.writerows(records)
-    ledger.write_csv(out / "ledger.csv")
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=keys)
+    w.writeheader()
+    w.writerows(records)
+    atomic_write_text(out / "metrics.csv", buf.getvalue())
+    atomic_write_text(out / "ledger.csv", ledger.to_csv())
 
 
 def markdown_table(summaries: list[dict]) -> str:
@@ -106,6 +111,6 @@ def plot(runs: dict[str, list[dict]], path: Path, title: str) -> None:
     fig.suptitle(title)
     fig.tight_layout()
     tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=120)
+    fig.savefig(tmp, dpi=120)  # then renamed: a reader never sees half a PNG
     plt.close(fig)
     os.replace(tmp, path)

@@ -177,7 +177,8 @@ def test_search_order(isolated: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     assert fashion_mnist.find_fashion_mnist(root) == root
     assert used(root) == 11
     assert used(None) == 12
-    assert used(isolated / "empty") == 12  # a root without the files falls through
+    with pytest.raises(DatasetError, match="empty"):  # an explicit root is strict: no silent fallback
+        used(isolated / "empty")
     for name in fashion_mnist.FILES:
         (env / name).unlink()
     assert used(None) == 13
@@ -202,14 +203,17 @@ def test_incomplete_directory_is_skipped(isolated: Path) -> None:
 def test_missing_everywhere(isolated: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("FEDCODEC_DATA", str(isolated / "env"))
     with pytest.raises(DatasetError) as info:
-        load_dataset("fashion-mnist", isolated / "root")
+        load_dataset("fashion-mnist")
     message = str(info.value)
     assert "apt-get install dataset-fashion-mnist" in message
     assert "fedcodec data download fashion-mnist" in message
     assert "FEDCODEC_DATA" in message and "--data-dir" in message
-    for place in fashion_mnist.search_dirs(isolated / "root"):
+    for place in fashion_mnist.search_dirs():
         assert str(place) in message
     assert str(isolated / "cache" / "fedcodec" / "fashion-mnist") in message
+    with pytest.raises(DatasetError, match="root") as info:  # an explicit root names only itself
+        load_dataset("fashion-mnist", isolated / "root")
+    assert str(isolated / "env") not in str(info.value)
 
 
 def test_cache_dir_without_xdg(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

@@ -11,7 +11,7 @@ import torch
 from fedcodec.errors import ConfigError
 
 #: Names accepted by :func:`load_dataset`.
-DATASETS: tuple[str, ...] = ("fashion-mnist", "cifar10")
+DATASETS: tuple[str, ...] = ("fashion-mnist", "cifar10", "synthetic")
 
 
 @dataclass
@@ -51,6 +51,9 @@ def load_dataset(
         from fedcodec.data.cifar10 import load_cifar10
 
         return load_cifar10(root, allow_subset=allow_subset)
+    if name == "synthetic":
+        # A small learnable stand-in for Fashion-MNIST (no files needed): smoke tests, Flower demos.
+        return make_synthetic_images(2000, 500, seed=0)
     raise ConfigError(f"unknown dataset {name!r}; known datasets: {', '.join(DATASETS)}")
 
 

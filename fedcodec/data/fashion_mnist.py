@@ -73,10 +73,14 @@ def cache_dir() -> Path:
 
 
 def search_dirs(root: str | Path | None = None) -> list[Path]:
-    """The directories :func:`find_fashion_mnist` tries, in order."""
-    dirs: list[Path] = []
+    """The directories :func:`find_fashion_mnist` tries, in order.
+
+    A directory the user names explicitly is the only place searched: a typo in ``--data-dir`` must
+    not silently fall back to another copy of the data.
+    """
     if root is not None:
-        dirs += [Path(root), Path(root) / "fashion-mnist"]
+        return [Path(root), Path(root) / "fashion-mnist"]
+    dirs: list[Path] = []
     env = os.environ.get("FEDCODEC_DATA")
     if env:
         dirs += [Path(env), Path(env) / "fashion-mnist"]

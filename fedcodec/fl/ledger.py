@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import csv
+import io
 from dataclasses import dataclass, field
-from pathlib import Path
 
 
 @dataclass(frozen=True)
@@ -29,9 +29,10 @@ class Ledger:
         return sum(e.nbytes for e in self.entries
                    if e.direction == direction and (rnd is None or e.round == rnd))
 
-    def write_csv(self, path: Path) -> None:
-        with open(path, "w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(["round", "client", "direction", "codec", "bytes"])
-            for e in self.entries:
-                w.writerow([e.round, e.client, e.direction, e.codec, e.nbytes])
+    def to_csv(self) -> str:
+        buf = io.StringIO()
+        w = csv.writer(buf, lineterminator="\n")
+        w.writerow(["round", "client", "direction", "codec", "bytes"])
+        for e in self.entries:
+            w.writerow([e.round, e.client, e.direction, e.codec, e.nbytes])
+        return buf.getvalue()

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 # purposes (the third element of every seed path)
-SAMPLING, CLIENT_TRAIN, CLIENT_CODEC, CLIENT_NOISE = 1, 2, 3, 4
+SAMPLING, CLIENT_TRAIN, CLIENT_CODEC, CLIENT_NOISE, FAILURES = 1, 2, 3, 4, 5
 
 
 def derive_seed(*path: int) -> int:
@@ -26,3 +26,16 @@ def torch_generator(seed: int) -> torch.Generator:
 def sample_clients(run_seed: int, rnd: int, num_clients: int, per_round: int) -> list[int]:
     rng = np.random.default_rng(derive_seed(run_seed, rnd, SAMPLING))
     return sorted(int(c) for c in rng.choice(num_clients, size=per_round, replace=False))
+
+
+def round_failures(run_seed: int, rnd: int, clients: list[int], dropout: float,
+                   stragglers: float) -> tuple[set[int], set[int]]:
+    """Which sampled clients drop out and which arrive late this round: exactly
+    ``round(dropout * k)`` and ``round(stragglers * k)`` of the ``k`` clients, disjoint."""
+    k = len(clients)
+    n_drop, n_late = round(dropout * k), round(stragglers * k)
+    if not n_drop + n_late:
+        return set(), set()
+    rng = np.random.default_rng(derive_seed(run_seed, rnd, FAILURES))
+    chosen = [clients[i] for i in rng.permutation(k)[:n_drop + n_late]]
+    return set(chosen[:n_drop]), set(chosen[n_drop:])

@@ -22,6 +22,10 @@ class RoundOutcome:
     rejected: dict[int, str] = field(default_factory=dict)
 
 
+def update_norm(update: Update) -> float:
+    return float(torch.sqrt(sum(t.double().pow(2).sum() for t in update.values())))
+
+
 def broadcast(downlink: Codec, spec: ModelSpec, global_params: Update, rnd: int) -> bytes:
     return downlink.encode(global_params, CodecContext(spec, client=-1, round=rnd))
 
@@ -42,11 +46,13 @@ def aggregate(spec: ModelSpec, global_params: Update, updates: list[tuple[int, f
 
 
 def server_round(uplink: Codec, spec: ModelSpec, global_params: Update, rnd: int,
-                 payloads: dict[int, tuple[bytes, float]], min_clients: int = 1) -> tuple[Update, RoundOutcome]:
+                 payloads: dict[int, tuple[bytes, float]], min_clients: int = 1,
+                 max_update_norm: float | None = None) -> tuple[Update, RoundOutcome]:
     """Decode ``payloads`` ({client: (bytes, weight)}), reject bad ones, aggregate the rest.
 
     A rejected payload is logged with the client and the reason and leaves no trace in the model. If
     fewer than ``min_clients`` payloads decode, the global model is kept unchanged for this round.
+    With ``max_update_norm``, an update whose L2 norm exceeds it is rejected too.
     """
     outcome = RoundOutcome()
     decoded = []
@@ -54,6 +60,11 @@ def server_round(uplink: Codec, spec: ModelSpec, global_params: Update, rnd: int
         data, weight = payloads[client]
         try:
             upd = uplink.decode(data, CodecContext(spec, client=client, round=rnd))
+            if max_update_norm is not None:
+                norm = update_norm(upd)
+                if not norm <= max_update_norm:
+                    raise PayloadError("norm", f"update L2 norm {norm:.4g} exceeds the bound {max_update_norm:.4g}",
+                                       client)
         except PayloadError as err:
             log.warning("round %d: %s", rnd, err)
             outcome.rejected[client] = str(err)

@@ -84,19 +84,24 @@ def run_round(sim: Simulation, state: RunState) -> RunState:
     rnd = state.round + 1
     t0 = time.perf_counter()
     clients = rngs.sample_clients(cfg.seed, rnd, cfg.num_clients, cfg.clients_per_round)
+    dropped, late = rngs.round_failures(cfg.seed, rnd, clients, cfg.dropout, cfg.stragglers)
     down = broadcast(rt.downlink, sim.spec, state.global_params, rnd)
     payloads, losses = {}, []
     for c in clients:
         state.ledger.record(rnd, c, "down", rt.downlink.codec_id, down)
+        if c in dropped:  # failed after receiving the model: nothing comes back
+            continue
         idx = sim.parts[c]
         payload, info = client_fit(rt, down, sim.source.train_x[idx], sim.source.train_y[idx], sim.training, rnd, c)
         state.ledger.record(rnd, c, "up", rt.uplink.codec_id, payload)
-        payloads[c] = (payload, float(info["num_examples"]))
         losses.append(info["train_loss"])
-    new_params, outcome = server_round(rt.uplink, sim.spec, state.global_params, rnd, payloads, cfg.min_clients)
+        if c not in late:  # a straggler's bytes were sent, but after the deadline: not aggregated
+            payloads[c] = (payload, float(info["num_examples"]))
+    new_params, outcome = server_round(rt.uplink, sim.spec, state.global_params, rnd, payloads, cfg.min_clients,
+                                       cfg.max_update_norm)
     seconds = time.perf_counter() - t0
     record = {"round": rnd, "clients": len(clients), "accepted": len(outcome.accepted),
-              "rejected": len(outcome.rejected),
+              "rejected": len(outcome.rejected), "dropped": len(dropped), "timed_out": len(late),
               "uplink_bytes": state.ledger.total("up", rnd), "downlink_bytes": state.ledger.total("down", rnd),
               "train_loss": float(np.mean(losses)) if losses else math.nan, "seconds": seconds}
     if rnd % cfg.eval_every == 0 or rnd == cfg.rounds:
