@@ -187,3 +187,23 @@ def test_config_layers_and_validation(tmp_path):
     with pytest.raises(ConfigError, match="not valid TOML"):
         (tmp_path / "bad.toml").write_text("rounds = = 3")
         build_config(None, tmp_path / "bad.toml")
+
+
+def test_finite_but_huge_updates_cannot_overflow_the_model():
+    """Each value decodes as finite, yet applying it twice would overflow float32 (found by fuzzing)."""
+    from fedcodec.codecs import CodecContext, build_codec
+    from helpers import tiny_spec
+
+    spec, codec = tiny_spec(), build_codec("fp32")
+    top = torch.finfo(torch.float32).max
+    big = codec.encode({t.name: torch.full(t.shape, top) for t in spec.tensors}, CodecContext(spec, 0, 0))
+    ok = codec.encode({t.name: torch.ones(t.shape) for t in spec.tensors}, CodecContext(spec, 0, 0))
+    g = {t.name: torch.zeros(t.shape) for t in spec.tensors}
+    g, first = server_round(codec, spec, g, 1, {0: (big, 1.0), 1: (ok, 1.0)})
+    assert first.accepted == [0, 1]  # in range once: only a norm bound can stop it
+    g, second = server_round(codec, spec, g, 2, {0: (big, 1.0), 1: (ok, 1.0)})
+    assert "overflow" in second.rejected[0] and second.accepted == [1]
+    assert all(torch.isfinite(v).all() for v in g.values())
+    _, bounded = server_round(codec, spec, {t.name: torch.zeros(t.shape) for t in spec.tensors}, 1,
+                              {0: (big, 1.0)}, max_update_norm=10.0)
+    assert "(norm)" in bounded.rejected[0]

@@ -22,6 +22,21 @@ class RoundOutcome:
     rejected: dict[int, str] = field(default_factory=dict)
 
 
+FLOAT32_MAX = float(torch.finfo(torch.float32).max)
+
+
+def overflows(global_params: Update, update: Update) -> str | None:
+    """The name of a tensor where ``global + update`` leaves the float32 range, else None.
+
+    If no accepted update overflows on its own, their weighted mean cannot either (it is a convex
+    combination), so finite-but-huge values cannot push the global model to Inf over rounds.
+    """
+    for name, upd in update.items():
+        if upd.numel() and float((global_params[name].double() + upd.double()).abs().max()) > FLOAT32_MAX:
+            return name
+    return None
+
+
 def update_norm(update: Update) -> float:
     return float(torch.sqrt(sum(t.double().pow(2).sum() for t in update.values())))
 
@@ -60,6 +75,9 @@ def server_round(uplink: Codec, spec: ModelSpec, global_params: Update, rnd: int
         data, weight = payloads[client]
         try:
             upd = uplink.decode(data, CodecContext(spec, client=client, round=rnd))
+            name = overflows(global_params, upd)
+            if name is not None:
+                raise PayloadError("overflow", f"tensor {name!r} would leave the float32 range once applied", client)
             if max_update_norm is not None:
                 norm = update_norm(upd)
                 if not norm <= max_update_norm:
@@ -75,4 +93,8 @@ def server_round(uplink: Codec, spec: ModelSpec, global_params: Update, rnd: int
         log.warning("round %d: only %d of %d payloads usable (< %d); global model unchanged",
                     rnd, len(decoded), len(payloads), min_clients)
         return global_params, outcome
-    return aggregate(spec, global_params, decoded), outcome
+    new = aggregate(spec, global_params, decoded)
+    if not all(torch.isfinite(t).all() for t in new.values()):  # defence in depth; overflows() prevents it
+        log.error("round %d: aggregate is not finite; global model unchanged", rnd)
+        return global_params, outcome
+    return new, outcome
