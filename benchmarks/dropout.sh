@@ -3,5 +3,5 @@
 # with 30% of the sampled clients dropping out every round. Compare with runs/bench/fmnist-iid.
 set -euo pipefail
 out=${OUT:-runs/bench}
-fedcodec run --preset bench --partition iid --method fedavg,fedmrn-binary --set dropout=0.3 \
+fedcodec run --preset bench --partition iid --method fedmrn-binary --set dropout=0.3 \
   --out "$out" --name fmnist-iid-dropout30 --no-progress "$@"
