@@ -8,7 +8,7 @@ from pathlib import Path
 
 from . import __version__
 from .config import METHODS, PRESETS, build_config, parse_assignments
-from .errors import FedcodecError
+from .errors import ConfigError, FedcodecError
 
 _FLAG_KEYS = {"rounds": "rounds", "seed": "seed", "partition": "partition", "beta": "beta",
               "clients": "num_clients", "per_round": "clients_per_round", "local_epochs": "local_epochs",
@@ -55,7 +55,7 @@ def _cmd_run(args) -> int:
 
     from .data import load_dataset
     from .fl.runner import run_method
-    from .report import atomic_write_text, markdown_table, plot
+    from .report import atomic_write_text, markdown_table, plot, run_title
 
     overrides, codec_opts = parse_assignments(args.set)
     for flag, key in _FLAG_KEYS.items():
@@ -76,10 +76,19 @@ def _cmd_run(args) -> int:
                                                progress=not args.no_progress)
         summaries.append(summary)
     table = markdown_table(summaries)
-    title = f"{first.dataset}, {first.partition}, {first.num_clients} clients ({first.clients_per_round}/round)"
+    title = run_title(first.to_dict())
     atomic_write_text(root / "results.md", f"# {title}\n\n{table}\n")
     plot(runs, root / "plot.png", title)
     print(f"\n{title}\n{table}\n\nresults: {root}/results.md  plot: {root}/plot.png")
+    return 0
+
+
+def _cmd_report(args) -> int:
+    from .report import rebuild
+
+    root = Path(args.run_dir)
+    print(rebuild(root))
+    print(f"\nresults: {root}/results.md  plot: {root}/plot.png")
     return 0
 
 
@@ -106,6 +115,69 @@ def _cmd_codecs(args) -> int:
     return 0
 
 
+def _add_flower(sub) -> None:
+    p = sub.add_parser("flower", help="run fedcodec on Flower (needs the 'flower' extra)",
+                       description="Run the fedcodec Flower app (flower_app/) on this machine: 'deploy-local' "
+                                   "starts a SuperLink and --nodes SuperNodes on 127.0.0.1 (TLS with a throwaway "
+                                   "CA and registered SuperNode keys, unless --insecure), 'simulate' runs it on "
+                                   "Flower's simulation engine (Ray). Both stop every process they started when "
+                                   "the run ends. Across machines, start the processes yourself and use 'flwr run' "
+                                   "(see the README).")
+    p.add_argument("mode", choices=["deploy-local", "simulate"])
+    p.add_argument("--nodes", type=int, default=3, help="SuperNodes (= clients, one partition each); default 3")
+    p.add_argument("--method", help="fedavg, fedmrn-binary or fedmrn-signed (default: the app's)")
+    p.add_argument("--rounds", type=int)
+    p.add_argument("--per-round", type=int, help="clients per round (default: all nodes)")
+    p.add_argument("--dataset", choices=["fashion-mnist", "cifar10", "synthetic"])
+    p.add_argument("--out", default="runs/flower",
+                   help="directory for metrics.json, ledger.csv, model.pt; default runs/flower")
+    p.add_argument("--app", help="Flower app directory (default: the repository's flower_app/)")
+    p.add_argument("--workdir", help="keep Flower's state, certificates and process logs here "
+                                     "(default: a temp dir, removed)")
+    p.add_argument("--insecure", action="store_true", help="plain HTTP and no SuperNode authentication")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="any key of the app's [tool.flwr.app.config], e.g. --set local-epochs=2")
+
+
+def _cmd_flower(args) -> int:
+    import tomllib
+
+    try:
+        from .flower.common import run_config_items
+        from .flower.launch import APP_DIR, LocalFederation
+    except ImportError as err:
+        print(f"fedcodec: error: Flower is not installed ({err}); pip install 'fedcodec[flower]'", file=sys.stderr)
+        return 2
+    values = {"num_clients": args.nodes, "clients_per_round": args.per_round or args.nodes,
+              "out_dir": str(Path(args.out).resolve())}
+    for key in ("method", "rounds", "dataset"):
+        if getattr(args, key) is not None:
+            values[key] = getattr(args, key)
+    items = run_config_items(values)
+    for item in args.set:
+        if "=" not in item:
+            raise ConfigError(f"--set expects key=value, got {item!r}")
+        key, value = (part.strip() for part in item.split("=", 1))
+        try:
+            tomllib.loads(f"v = {value}")
+        except tomllib.TOMLDecodeError:  # a bare word: send it as a TOML string
+            value = '"' + value.replace('"', "") + '"'
+        items.append(f"{key.replace('_', '-')}={value}")
+    fed = LocalFederation(args.nodes, workdir=args.workdir, simulation=args.mode == "simulate",
+                          insecure=args.insecure)
+    try:
+        with fed:
+            print(f"fedcodec: {'simulation ' if fed.simulation else ''}SuperLink on 127.0.0.1:{fed.port} "
+                  f"({'insecure' if fed.insecure else 'TLS'})"
+                  + ("" if fed.simulation else f", {args.nodes} SuperNodes") + f"; logs in {fed.logs}", flush=True)
+            result = fed.run(items, app_dir=args.app or APP_DIR, stream_to=sys.stdout)
+    finally:
+        if args.workdir is None:
+            fed.cleanup()
+    print(f"fedcodec: run {result.run_id}: {result.status or 'did not start'}; results in {values['out_dir']}")
+    return 0 if result.ok else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedcodec", description="Communication-efficient federated "
                                      "learning with real bitstreams and honest byte accounting.")
@@ -119,12 +191,18 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--dest", help="download destination (default: the cache)")
     d.add_argument("--data-dir", help="directory to search first")
     sub.add_parser("codecs", help="list codecs and methods")
+    r = sub.add_parser("report", help="combine the methods of a run folder into results.md and plot.png",
+                       description="Rebuild <run-dir>/results.md and plot.png from every <run-dir>/<method>/"
+                                   "metrics.json, e.g. after running methods in separate processes.")
+    r.add_argument("run_dir", help="a run folder, e.g. runs/fashion-mnist-iid-quick-s0")
+    _add_flower(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    handler = {"run": _cmd_run, "data": _cmd_data, "codecs": _cmd_codecs}[args.command]
+    handler = {"run": _cmd_run, "data": _cmd_data, "codecs": _cmd_codecs, "flower": _cmd_flower,
+               "report": _cmd_report}[args.command]
     try:
         return handler(args)
     except FedcodecError as err:

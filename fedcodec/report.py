@@ -114,3 +114,53 @@ def plot(runs: dict[str, list[dict]], path: Path, title: str) -> None:
     fig.savefig(tmp, dpi=120)  # then renamed: a reader never sees half a PNG
     plt.close(fig)
     os.replace(tmp, path)
+
+
+def run_title(config: dict) -> str:
+    return (f"{config['dataset']}, {config['partition']}, {config['num_clients']} clients "
+            f"({config['clients_per_round']}/round)")
+
+
+def _unfinished(ckpt: Path) -> dict | None:
+    """Metrics of a run that has a checkpoint but no metrics.json yet (still running, or stopped)."""
+    from safetensors import safe_open
+
+    from .codecs import TensorSpec
+
+    with safe_open(str(ckpt), framework="pt") as f:
+        meta = f.metadata() or {}
+        if "records" not in meta:
+            return None
+        spec = ModelSpec(tuple(TensorSpec(k, tuple(f.get_slice(k).get_shape()), "param") for k in f.keys()))
+    config, records = json.loads(meta["config"]), json.loads(meta["records"])
+    if not records:
+        return None
+    summary = summarize(config["method"], records, spec)
+    summary["method"] += f" (unfinished: {len(records)}/{config['rounds']} rounds)"
+    return {"config": config, "summary": summary, "rounds": records}
+
+
+def rebuild(root: Path) -> str:
+    """Combine every ``root/<method>/metrics.json`` into ``root/results.md`` and ``root/plot.png``.
+
+    Lets methods of one setting run in separate processes (or machines) and be reported together;
+    FedAvg comes first so the ratio column is relative to it. A method with a checkpoint but no
+    metrics yet is included, marked unfinished with its round count. Returns the table.
+    """
+    loaded = []
+    for d in sorted((p for p in root.iterdir() if p.is_dir()), key=lambda p: (p.name != "fedavg", p.name)):
+        if (d / "metrics.json").exists():
+            loaded.append(json.loads((d / "metrics.json").read_text()))
+        elif (d / "checkpoint.safetensors").exists():
+            partial = _unfinished(d / "checkpoint.safetensors")
+            if partial is not None:
+                loaded.append(partial)
+    if not loaded:
+        from .errors import ConfigError
+
+        raise ConfigError(f"no <method>/metrics.json under {root}; point at a run folder such as runs/<name>")
+    title = run_title(loaded[0]["config"])
+    table = markdown_table([m["summary"] for m in loaded])
+    atomic_write_text(root / "results.md", f"# {title}\n\n{table}\n")
+    plot({m["summary"]["method"]: m["rounds"] for m in loaded}, root / "plot.png", title)
+    return f"{title}\n{table}"

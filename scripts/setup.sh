@@ -12,8 +12,8 @@ if ! "$PY" -c 'import torch, sys; sys.exit(0 if torch.__version__.startswith("2.
   say "installing PyTorch 2.13.0 (CPU build)"
   "$PY" -m pip install -q torch==2.13.0
 fi
-say "installing fedcodec (editable) with test extras"
-"$PY" -m pip install -q -e ".[test]"
+say "installing fedcodec (editable) with the test and flower extras"
+"$PY" -m pip install -q -e ".[test,flower]"
 
 if [ "${FEDCODEC_SKIP_DATA:-0}" != 1 ] && [ ! -e /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ]; then
   if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then

@@ -92,9 +92,9 @@ def test_malformed_payload_is_rejected_and_round_goes_on(monkeypatch, caplog):
     captured = {}
     real_server = simulation.server_round
 
-    def capture(uplink, spec, global_params, rnd, payloads, min_clients=1):
+    def capture(uplink, spec, global_params, rnd, payloads, *args, **kwargs):
         captured.update(payloads)
-        return real_server(uplink, spec, global_params, rnd, payloads, min_clients)
+        return real_server(uplink, spec, global_params, rnd, payloads, *args, **kwargs)
 
     monkeypatch.setattr(simulation, "server_round", capture)
     state = run_round(sim, state)
@@ -165,6 +165,13 @@ def test_cli_end_to_end_on_idx_fixture(tmp_path, capsys):
     assert 25 < ratio < 32  # CNN4: 1 bit per kernel weight + fp32 BatchNorm vs 32 bits everywhere
     out = capsys.readouterr().out
     assert "| fedmrn-binary |" in out and "ratio vs FedAvg" in out
+    # `fedcodec report` rebuilds the combined table and plot from the method folders alone
+    table = (root / "results.md").read_text()
+    (root / "results.md").unlink()
+    (root / "plot.png").unlink()
+    assert main(["report", str(root)]) == 0
+    assert (root / "results.md").read_text() == table and (root / "plot.png").stat().st_size > 10_000
+    assert main(["report", str(tmp_path)]) == 2  # not a run folder: a clear error
 
 
 def test_cli_reports_config_errors(capsys, tmp_path):

@@ -22,7 +22,7 @@ from ..models import build_model
 from . import rng as rngs
 from .client import ClientRuntime, LocalTraining, client_fit
 from .ledger import Ledger
-from .server import broadcast, server_round
+from .server import RoundOutcome, broadcast, server_round
 
 
 @dataclass
@@ -97,11 +97,21 @@ def run_round(sim: Simulation, state: RunState) -> RunState:
         losses.append(info["train_loss"])
         if c not in late:  # a straggler's bytes were sent, but after the deadline: not aggregated
             payloads[c] = (payload, float(info["num_examples"]))
+    return finish_round(sim, state, rnd, t0, len(clients), payloads, losses, len(dropped), len(late))[0]
+
+
+def finish_round(sim: Simulation, state: RunState, rnd: int, t0: float, sampled: int,
+                 payloads: dict[int, tuple[bytes, float]], losses: list[float], dropped: int = 0,
+                 timed_out: int = 0) -> tuple[RunState, RoundOutcome]:
+    """The server's half of round ``rnd`` once the payloads are in (the simulator and the Flower
+    ServerApp share it): decode, reject, aggregate, evaluate, append the record, advance ``state``.
+    ``t0`` is the round's ``time.perf_counter()`` start; the ledger already holds the round's bytes."""
+    cfg, rt = sim.cfg, sim.runtime
     new_params, outcome = server_round(rt.uplink, sim.spec, state.global_params, rnd, payloads, cfg.min_clients,
                                        cfg.max_update_norm)
     seconds = time.perf_counter() - t0
-    record = {"round": rnd, "clients": len(clients), "accepted": len(outcome.accepted),
-              "rejected": len(outcome.rejected), "dropped": len(dropped), "timed_out": len(late),
+    record = {"round": rnd, "clients": sampled, "accepted": len(outcome.accepted),
+              "rejected": len(outcome.rejected), "dropped": dropped, "timed_out": timed_out,
               "uplink_bytes": state.ledger.total("up", rnd), "downlink_bytes": state.ledger.total("down", rnd),
               "train_loss": float(np.mean(losses)) if losses else math.nan, "seconds": seconds}
     if rnd % cfg.eval_every == 0 or rnd == cfg.rounds:
@@ -111,4 +121,4 @@ def run_round(sim: Simulation, state: RunState) -> RunState:
     state.records.append(record)
     state.global_params = new_params
     state.round = rnd
-    return state
+    return state, outcome

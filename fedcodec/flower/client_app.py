@@ -1,0 +1,96 @@
+"""The Flower ClientApp: one SuperNode = one fedcodec client (its ``partition-id`` node config).
+
+Messages (Message API):
+
+- ``query`` → reply ``ConfigRecord {"partition-id", "num-partitions"}``: the ServerApp maps the
+  clients it samples (partition ids) to node ids with these replies.
+- ``train`` with ``ConfigRecord {"broadcast": bytes, "round": int, "client": int}`` → runs
+  :func:`fedcodec.fl.client.client_fit` and replies ``ConfigRecord {"payload": bytes, "client": int}``
+  plus ``MetricRecord {"num-examples", "train-loss"}``. The payload is the codec's bitstream as raw
+  bytes; no float tensors travel up.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from .common import METRICS, RECORD, ensure_logging, parse_run_config
+
+log = logging.getLogger("fedcodec.flower.client")
+app = ClientApp()
+
+# A ClientApp process may serve several messages (Flower's simulation engine keeps it alive): the
+# dataset, model and codecs are built once per run config.
+_CACHE: dict[str, object] = {}
+
+
+def partition_of(context: Context) -> tuple[int, int | None]:
+    node = context.node_config
+    if "partition-id" not in node:
+        raise ValueError("this SuperNode has no 'partition-id' in its node config; start it with "
+                         "--node-config 'partition-id=<i> num-partitions=<n>'")
+    n = node.get("num-partitions")
+    return int(node["partition-id"]), (int(n) if n is not None else None)
+
+
+def _simulation(context: Context):
+    """The client's view of the run: ``fedcodec.fl.simulation.setup`` on the same config, so the
+    model, codecs and data partition are those of the in-process engine."""
+    cfg, settings = parse_run_config(context.run_config)
+    key = json.dumps(cfg.to_dict(), sort_keys=True, default=str)
+    if key not in _CACHE:
+        import torch
+
+        from ..data import load_dataset
+        from ..fl.simulation import setup
+
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        source = load_dataset(cfg.dataset, cfg.data_dir, allow_subset=cfg.allow_subset)
+        _CACHE.clear()
+        _CACHE[key] = setup(cfg, source)[0]
+    return _CACHE[key], settings
+
+
+@app.query()
+def query(msg: Message, context: Context) -> Message:
+    pid, num = partition_of(context)
+    rec = {"partition-id": pid} | ({"num-partitions": num} if num is not None else {})
+    return Message(RecordDict({RECORD: ConfigRecord(rec)}), reply_to=msg)
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    t0 = time.perf_counter()
+    ensure_logging()
+    from ..fl.client import client_fit
+
+    pid, num = partition_of(context)
+    sim, settings = _simulation(context)
+    t1 = time.perf_counter()
+    if num is not None and num != sim.cfg.num_clients:
+        raise ValueError(f"node config num-partitions={num} but the run has num-clients={sim.cfg.num_clients}")
+    rec = msg.content[RECORD]
+    rnd, client = int(rec["round"]), int(rec["client"])
+    if client != pid:
+        raise ValueError(f"message for client {client} reached the node holding partition {pid}")
+    idx = sim.parts[pid]
+    payload, info = client_fit(sim.runtime, rec["broadcast"], sim.source.train_x[idx], sim.source.train_y[idx],
+                               sim.training, rnd, pid)
+    if settings.corrupt_partition == pid:  # test hook: a byte flipped in transit (same length)
+        flipped = bytearray(payload)
+        flipped[len(flipped) // 2] ^= 0xFF
+        payload = bytes(flipped)
+        log.warning("round %d: partition %d corrupts its payload (corrupt-partition)", rnd, pid)
+    log.info("round %d, client %d: %d examples, setup %.1f s, training %.1f s, payload %d bytes", rnd, pid,
+             len(idx), t1 - t0, time.perf_counter() - t1, len(payload))
+    content = RecordDict({
+        RECORD: ConfigRecord({"payload": payload, "client": pid}),
+        METRICS: MetricRecord({"num-examples": int(info["num_examples"]), "train-loss": float(info["train_loss"])}),
+    })
+    return Message(content, reply_to=msg)
