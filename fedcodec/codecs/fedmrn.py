@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError, PayloadError
-from .base import Codec, CodecContext, Parametrization, TensorSpec, Update, register
+from .base import Codec, CodecContext, ModelSpec, Parametrization, TensorSpec, Update, register
 from .wire import BodyReader, BodyWriter
 
 MASKS = ("binary", "signed")
@@ -137,12 +137,9 @@ class FedMRNCodec(Codec):
     def _split(ctx: CodecContext) -> tuple[list[TensorSpec], list[TensorSpec]]:
         return ctx.spec.select(("weight",)), ctx.spec.select(("param", "buffer"))
 
-    def noise_tensors(self, seed: int, specs: list[TensorSpec], noise: str | None = None,
-                      alpha: float | None = None) -> dict[str, torch.Tensor]:
-        from .base import ModelSpec
-
-        n = sum(t.numel for t in specs)
-        flat = make_noise(seed, n, noise or self.noise, self.alpha if alpha is None else alpha)
+    def noise_tensors(self, seed: int, specs: list[TensorSpec]) -> dict[str, torch.Tensor]:
+        """This codec's noise for ``specs`` (the masked tensors), one tensor per name."""
+        flat = make_noise(seed, sum(t.numel for t in specs), self.noise, self.alpha)
         return ModelSpec(tuple(specs)).unflatten(flat, specs)
 
     def parametrization(self, ctx: CodecContext, global_params: Update) -> Parametrization:
