@@ -40,7 +40,7 @@ def summarize(method: str, records: list[dict], spec: ModelSpec) -> dict[str, An
         "uplink_total_bytes": up,
         "downlink_total_bytes": down,
         "bits_per_parameter": 8 * per_client / spec.numel(),
-        "ratio_vs_fp32": fp32_reference_bytes(spec) / per_client,
+        "ratio_vs_fp32": fp32_reference_bytes(spec) / per_client if per_client else math.nan,
         "seconds_per_round": sum(r["seconds"] for r in records) / len(records),
         "rejected_payloads": sum(r["rejected"] for r in records),
         "dropped_clients": sum(r.get("dropped", 0) for r in records),
@@ -75,7 +75,7 @@ def markdown_table(summaries: list[dict]) -> str:
     rows = []
     for s in summaries:
         ratio = (base["uplink_bytes_per_client_round"] / s["uplink_bytes_per_client_round"]
-                 if base else s["ratio_vs_fp32"])
+                 if base and s["uplink_bytes_per_client_round"] else s["ratio_vs_fp32"])
         rows.append(f"| {s['method']} | {100 * s['final_accuracy']:.2f} | {100 * s['best_accuracy']:.2f} "
                     f"| {s['uplink_bytes_per_client_round']:,.0f} | {s['bits_per_parameter']:.3f} "
                     f"| {ratio:.1f}x | {s['downlink_bytes_per_client_round']:,.0f} "

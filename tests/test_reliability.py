@@ -145,3 +145,15 @@ def test_bad_configuration_fails_fast_with_a_fix(args, message, tmp_path, capsys
     assert message in err and "fedcodec: error:" in err
     assert time.perf_counter() - t0 < 10  # failed before any training
     assert not list(tmp_path.rglob("metrics.json"))
+
+
+def test_report_survives_a_run_where_every_client_dropped():
+    from fedcodec.report import markdown_table, summarize
+
+    cfg = small_config(clients_per_round=1, dropout=0.6, rounds=1)  # round(0.6 * 1) = 1: nobody uploads
+    sim, state = setup(cfg, SOURCE)
+    state = run_round(sim, state)
+    assert state.records[0]["dropped"] == 1 and state.records[0]["uplink_bytes"] == 0
+    summary = summarize("fedavg", state.records, sim.spec)
+    assert summary["uplink_bytes_per_client_round"] == 0 and summary["ratio_vs_fp32"] != summary["ratio_vs_fp32"]
+    assert "| fedavg |" in markdown_table([summary])

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save as serialize
 
 from ..errors import ConfigError
 from .ledger import Entry, Ledger
@@ -42,11 +42,7 @@ def save(path: Path, config: dict[str, Any], state) -> None:
         "records": json.dumps(state.records),
         "ledger": json.dumps([[e.round, e.client, e.direction, e.codec, e.nbytes] for e in state.ledger.entries]),
     }
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file({k: v.contiguous() for k, v in state.global_params.items()}, str(tmp), metadata=meta)
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic_write_bytes(path, serialize({k: v.contiguous() for k, v in state.global_params.items()}, metadata=meta))
 
 
 def load(path: Path, config: dict[str, Any]):

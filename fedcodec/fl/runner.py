@@ -28,7 +28,6 @@ def run_method(cfg: Config, source: FederatedSource, out: Path, resume: bool = F
     """
     out.mkdir(parents=True, exist_ok=True)
     config = cfg.to_dict()
-    sim, state = setup(cfg, source)
     ckpt = out / CHECKPOINT
     if resume and (out / "metrics.json").exists():
         done = json.loads((out / "metrics.json").read_text())
@@ -36,6 +35,7 @@ def run_method(cfg: Config, source: FederatedSource, out: Path, resume: bool = F
             checkpoint.load(ckpt, config)  # refuses a finished run made with another config
             log.info("%s: already finished (%d rounds), not rerun", cfg.method, cfg.rounds)
             return done["rounds"], done["summary"]
+    sim, state = setup(cfg, source)
     if resume and ckpt.exists():
         state = checkpoint.load(ckpt, config)
         log.info("%s: resuming after round %d", cfg.method, state.round)
