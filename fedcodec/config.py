@@ -26,10 +26,23 @@ class Method:
 
 METHODS: dict[str, Method] = {
     "fedavg": Method("fp32", {}, 0.03, "FedAvg, float32 updates"),
+    "fp16": Method("fp16", {}, 0.03, "FedAvg with float16 updates"),
+    "signsgd": Method("signsgd", {}, 0.03, "sign of the update, scaled by its mean magnitude per tensor"),
+    "signsgd-vote": Method("signsgd", {"vote": True}, 0.03, "signSGD with majority vote at the server"),
+    "ef-signsgd": Method("signsgd", {"ef": True}, 0.03, "scaled sign with client error feedback (EF-SignSGD)"),
+    "qsgd-1": Method("qsgd", {"levels": 1}, 0.03, "stochastic binarization between +-max (QSGD/FedPAQ, s=1)"),
+    "qsgd-4": Method("qsgd", {"levels": 4}, 0.03, "stochastic uniform quantization, 5 levels (s=4)"),
+    "topk-ef": Method("topk", {"fraction": 0.01, "ef": True}, 0.03, "top-1% sparsification with error feedback"),
+    "fedpm": Method("fedpm", {}, 0.1, "FedPM: Bernoulli masks over frozen random weights, Beta aggregation"),
+    "fedbat": Method("fedbat", {}, 0.1, "FedBAT: learned-step stochastic binarization of the update"),
     "fedmrn-binary": Method("fedmrn", {"mask": "binary", "alpha": 0.01}, 0.1,
                             "FedMRN, binary masks over uniform noise (alpha 0.01)"),
     "fedmrn-signed": Method("fedmrn", {"mask": "signed", "alpha": 0.005}, 0.1,
                             "FedMRN, signed masks over uniform noise (alpha 0.005)"),
+    "fedmrn-binary-ec": Method("fedmrn", {"mask": "binary", "alpha": 0.01, "entropy": True}, 0.1,
+                               "FedMRN binary + range coding of the mask bits"),
+    "fedmrn-signed-ec": Method("fedmrn", {"mask": "signed", "alpha": 0.005, "entropy": True}, 0.1,
+                               "FedMRN signed + range coding of the mask bits"),
 }
 
 
@@ -63,7 +76,9 @@ class Config:
     # method
     method: str = "fedavg"
     codec_options: dict[str, Any] = field(default_factory=dict)
-    downlink: str = "fp32"
+    downlink: str = "fp32"  # codec of the server -> client broadcast
+    downlink_options: dict[str, Any] = field(default_factory=dict)
+    downlink_delta: bool = False  # send global - (the client's copy) instead of the model
     max_update_norm: float | None = None  # reject decoded updates with a larger L2 norm
     # evaluation and output
     eval_every: int = 1
@@ -111,7 +126,13 @@ class Config:
         from .codecs import build_codec
 
         build_codec(self.method_spec().codec, **self.uplink_options)  # unknown codec options fail here
-        build_codec(self.downlink)
+        if self.downlink_options.get("ef") in (True, "true"):
+            raise ConfigError("the downlink takes no ef option: with downlink_delta=true the error is sent "
+                              "next round anyway")
+        down = build_codec(self.downlink, **self.downlink_options)
+        if not down.carries_models and not self.downlink_delta:
+            raise ConfigError(f"downlink {self.downlink!r} compresses updates, not models: set downlink_delta=true "
+                              "(send the change of the global model), or use fp32/fp16")
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -180,15 +201,16 @@ def build_config(preset: str | None = None, file: str | Path | None = None,
         for k, v in data.items():
             values[k] = _coerce(k, v)
     for k, v in (overrides or {}).items():
-        if k == "codec_options" and isinstance(v, dict):
-            values["codec_options"] = {**values.get("codec_options", {}), **v}
+        if k in ("codec_options", "downlink_options") and isinstance(v, dict):
+            values[k] = {**values.get(k, {}), **v}
         elif v is not None:
             values[k] = _coerce(k, v)
     return Config(**values).validate()
 
 
 def parse_assignments(items: list[str]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """``key=value`` strings → (config overrides, codec options); ``codec.X=v`` sets codec option X."""
+    """``key=value`` strings → (config overrides, codec options); ``codec.X=v`` sets uplink codec
+    option X, ``downlink.X=v`` sets downlink codec option X (in the overrides' ``downlink_options``)."""
     overrides: dict[str, Any] = {}
     codec: dict[str, Any] = {}
     for item in items:
@@ -198,6 +220,8 @@ def parse_assignments(items: list[str]) -> tuple[dict[str, Any], dict[str, Any]]
         key = key.strip()
         if key.startswith("codec."):
             codec[key[len("codec."):]] = _parse_scalar(value.strip())
+        elif key.startswith("downlink."):
+            overrides.setdefault("downlink_options", {})[key[len("downlink."):]] = _parse_scalar(value.strip())
         else:
             overrides[key] = _coerce(key, value.strip())
     return overrides, codec

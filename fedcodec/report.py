@@ -131,7 +131,8 @@ def _unfinished(ckpt: Path) -> dict | None:
         meta = f.metadata() or {}
         if "records" not in meta:
             return None
-        spec = ModelSpec(tuple(TensorSpec(k, tuple(f.get_slice(k).get_shape()), "param") for k in f.keys()))
+        spec = ModelSpec(tuple(TensorSpec(k, tuple(f.get_slice(k).get_shape()), "param") for k in f.keys()
+                               if "/" not in k))
     config, records = json.loads(meta["config"]), json.loads(meta["records"])
     if not records:
         return None

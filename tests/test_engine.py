@@ -38,8 +38,8 @@ def recorded(monkeypatch):
     sent = []
     real = simulation.client_fit
 
-    def spy(rt, broadcast, x, y, cfg, rnd, client):
-        payload, info = real(rt, broadcast, x, y, cfg, rnd, client)
+    def spy(rt, broadcast, x, y, cfg, rnd, client, **kw):
+        payload, info = real(rt, broadcast, x, y, cfg, rnd, client, **kw)
         sent.append((rnd, client, len(broadcast), payload))
         return payload, info
 
@@ -78,8 +78,8 @@ def test_malformed_payload_is_rejected_and_round_goes_on(monkeypatch, caplog):
     real = simulation.client_fit
     victims = []
 
-    def corrupting(rt, broadcast, x, y, cfg, rnd, client):
-        payload, info = real(rt, broadcast, x, y, cfg, rnd, client)
+    def corrupting(rt, broadcast, x, y, cfg, rnd, client, **kw):
+        payload, info = real(rt, broadcast, x, y, cfg, rnd, client, **kw)
         if not victims:  # the first client of the round sends a truncated payload
             victims.append(client)
             payload = payload[:-100]

@@ -89,8 +89,8 @@ def reference(cfg: Config, monkeypatch, corrupt: int | None = None, drop_from: t
     sent = {}
     real_fit, real_server = simulation.client_fit, simulation.server_round
 
-    def fit(rt, down, x, y, training, rnd, client):
-        payload, info = real_fit(rt, down, x, y, training, rnd, client)
+    def fit(rt, down, x, y, training, rnd, client, **kw):
+        payload, info = real_fit(rt, down, x, y, training, rnd, client, **kw)
         if client == corrupt:
             flipped = bytearray(payload)
             flipped[len(flipped) // 2] ^= 0xFF

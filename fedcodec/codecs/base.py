@@ -84,6 +84,11 @@ class CodecContext:
 
     ``seed`` is the 64-bit seed of this client-round (a codec may send it, FedMRN does); ``rng`` is a
     torch generator for the client's stochastic choices, derived from the same seed.
+
+    ``reference`` is the model the update is relative to (the global model the client trained from;
+    the server holds the same one), for codecs whose symbols are defined against it (FedPM).
+    ``state`` is the client's own store, kept by the client across rounds and never sent (error
+    feedback keeps its residual there); the engine checkpoints it. Both are None where unavailable.
     """
 
     spec: ModelSpec
@@ -91,6 +96,8 @@ class CodecContext:
     round: int
     seed: int = 0
     rng: torch.Generator | None = None
+    reference: Update | None = None
+    state: dict[str, torch.Tensor] | None = None
 
 
 class Parametrization:
@@ -99,6 +106,10 @@ class Parametrization:
     ``init()`` → trainable latent tensors; for every step ``deltas(latent, progress)`` →
     the update added to the frozen global weight in the forward pass (``progress`` runs from 0 to 1);
     at the end ``finish(latent)`` → the update handed to :meth:`Codec.encode`.
+
+    ``init()`` may return extra trainable tensors under names that are not model tensors (FedBAT's
+    learned step sizes), and ``finish()`` may return side values under names containing ``/`` that
+    only its own codec's ``encode`` reads; the engine passes them through untouched.
     """
 
     names: tuple[str, ...] = ()
@@ -123,17 +134,45 @@ class Codec:
 
     codec_id: ClassVar[str]
     lossless: ClassVar[bool] = False
+    #: encodes every value on its own (fp32, fp16), so it can carry a whole model, not only an update
+    carries_models: ClassVar[bool] = False
+    #: writes its data as symbol sections (BodyWriter.symbols), so the entropy stage applies
+    symbolic: ClassVar[bool] = False
+    #: entropy-code the symbol sections (set by build_codec(..., entropy=True); wire id gets "+ec")
+    entropy: bool = False
+    #: keeps client state in ``ctx.state`` (error feedback): the engine must supply a store
+    stateful: bool = False
 
     def parametrization(self, ctx: CodecContext, global_params: Update) -> Parametrization | None:
         return None
 
+    def writer(self) -> wire.BodyWriter:
+        """A body writer that stores symbol sections the way this codec was built to."""
+        return wire.BodyWriter(entropy=self.entropy)
+
+    # -- server-side hooks (defaults: plain FedAvg semantics) --------------------------------------
+    def init_global(self, params: Update, spec: ModelSpec) -> Update:
+        """The global model the run starts from, given the model's initial weights."""
+        return params
+
+    def aggregate(self, spec: ModelSpec, global_params: Update,
+                  updates: list[tuple[int, float, Update]]) -> dict[str, torch.Tensor]:
+        """The float64 step added to the global model, from decoded ``(client, weight, update)``
+        triples sorted by client id. Default: the weight-normalised mean."""
+        return weighted_mean(spec, updates)
+
+    def eval_params(self, params: Update, seed: int) -> Update:
+        """The weights to evaluate for global model ``params`` (FedPM samples a mask from them)."""
+        return params
+
+    # -- wire --------------------------------------------------------------------------------------
     def encode(self, update: Mapping[str, torch.Tensor], ctx: CodecContext) -> bytes:
         return wire.pack(self.codec_id, ctx.spec.fingerprint, self.encode_body(update, ctx))
 
     def decode(self, payload: bytes, ctx: CodecContext) -> Update:
         try:
             body = wire.unpack(payload, self.codec_id, ctx.spec.fingerprint)
-            reader = wire.BodyReader(body)
+            reader = wire.BodyReader(body, entropy=self.entropy)
             update = self.decode_body(reader, ctx)
             reader.finish()
             for name, t in update.items():
@@ -148,6 +187,25 @@ class Codec:
 
     def decode_body(self, reader: wire.BodyReader, ctx: CodecContext) -> Update:
         raise NotImplementedError
+
+
+def weighted_mean(spec: ModelSpec, updates: list[tuple[int, float, Update]]) -> dict[str, torch.Tensor]:
+    """Sum of ``weight / total * update`` in float64, accumulated in the given (client-id) order."""
+    total = sum(w for _, w, _ in updates)
+    out = {}
+    for t in spec.tensors:
+        acc = torch.zeros(t.shape, dtype=torch.float64)
+        for _, w, upd in updates:
+            acc += upd[t.name].to(torch.float64) * (w / total)
+        out[t.name] = acc
+    return out
+
+
+def split_specs(spec: ModelSpec) -> tuple[list[TensorSpec], list[TensorSpec]]:
+    """(compressed, dense): the conv/linear kernels every lossy codec compresses, and the rest
+    (biases, BatchNorm parameters and running statistics) that travel as float32. The same split
+    for every codec keeps their side information equal."""
+    return spec.select(("weight",)), spec.select(("param", "buffer"))
 
 
 @dataclass
@@ -174,12 +232,41 @@ def available_codecs() -> dict[str, CodecInfo]:
     return dict(_REGISTRY)
 
 
+#: options every codec accepts: the composable stages
+STAGE_OPTIONS = {"ef": False, "entropy": False}
+
+
+def _flag(name: str, value) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in ("true", "false"):
+        return value.lower() == "true"
+    raise ConfigError(f"codec option {name} expects true or false, got {value!r}")
+
+
 def build_codec(name: str, **options) -> Codec:
+    """Build codec ``name``; the stage options ``ef`` (error feedback) and ``entropy`` (range-code
+    the symbol sections) apply to any codec they make sense for."""
     if name not in _REGISTRY:
         raise ConfigError(f"unknown codec {name!r}; available: {', '.join(sorted(_REGISTRY))}")
     info = _REGISTRY[name]
-    unknown = set(options) - set(info.options)
+    unknown = set(options) - set(info.options) - set(STAGE_OPTIONS)
     if unknown:
         raise ConfigError(f"codec {name!r} has no option(s) {sorted(unknown)}; "
-                          f"its options are {sorted(info.options) or 'none'}")
-    return info.factory(**{**info.options, **options})
+                          f"its options are {sorted(info.options) + sorted(STAGE_OPTIONS)}")
+    ef = _flag("ef", options.pop("ef", False))
+    entropy = _flag("entropy", options.pop("entropy", False))
+    codec = info.factory(**{**info.options, **options})
+    if entropy:
+        if not codec.symbolic:
+            raise ConfigError(f"codec {name!r} writes no symbols (it sends plain floats), so entropy=true "
+                              "has nothing to code; use it with fedmrn, signsgd, qsgd, topk, fedpm or fedbat")
+        codec.entropy = True
+        codec.codec_id = f"{codec.codec_id}+ec"
+    if ef:
+        if codec.lossless:
+            raise ConfigError(f"codec {name!r} is lossless: error feedback would always carry zero")
+        from .stages import ErrorFeedback
+
+        codec = ErrorFeedback(codec)
+    return codec

@@ -8,6 +8,11 @@ train normally and travel as float32. The uplink body is::
 The server regenerates the noise from the seed with the same generator (NumPy's PCG64, whose bit
 stream is stable across platforms and versions) and rebuilds ``noise * mask`` exactly.
 
+The mask bits are one symbol section (:mod:`fedcodec.codecs.symbols`): packed 8 per byte, or with
+``entropy=true`` range coded with one two-pass model per bucket of the noise magnitude ``|N|``.
+Both ends know the noise before the bits, so the buckets cost nothing, and they matter: a binary
+mask bit is 1 with probability ``clip(U/N, 0, 1)``, which depends strongly on ``|N|``.
+
 Masking, for latent update ``U`` and noise ``N`` (``r = U / N``):
 
 * binary: ``p = clip(r, 0, 1)``, ``m ~ Bernoulli(p)`` in {0, 1}, update ``N * m``;
@@ -29,12 +34,24 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError, PayloadError
-from .base import Codec, CodecContext, ModelSpec, Parametrization, TensorSpec, Update, register
-from .wire import BodyReader, BodyWriter
+from .base import Codec, CodecContext, ModelSpec, Parametrization, TensorSpec, Update, register, split_specs
+from .wire import BodyReader
 
 MASKS = ("binary", "signed")
 NOISES = ("uniform", "gaussian", "rademacher")
 NOISE_FLOOR = np.float32(1e-8)
+#: magnitude buckets used as entropy-coding contexts, and |N|/alpha where the last bucket starts
+CONTEXTS = 8
+_CONTEXT_RANGE = {"uniform": 1.0, "gaussian": 2.5, "rademacher": 0.0}
+
+
+def noise_contexts(noise: np.ndarray, kind: str, alpha: float) -> tuple[np.ndarray | None, int]:
+    """Entropy-coding context of each mask bit: a bucket of ``|N| / alpha`` (none for ±1 noise)."""
+    top = _CONTEXT_RANGE[kind]
+    if top == 0.0:
+        return None, 1
+    scaled = np.abs(noise) * np.float32(CONTEXTS / (top * alpha))
+    return np.minimum(scaled.astype(np.int64), CONTEXTS - 1), CONTEXTS
 
 
 def make_noise(seed: int, n: int, kind: str, alpha: float) -> np.ndarray:
@@ -122,6 +139,7 @@ class MaskedNoiseTraining(Parametrization):
           mask="binary", noise="uniform", alpha=0.01, sm=True, pm=True)
 class FedMRNCodec(Codec):
     codec_id = "fedmrn"
+    symbolic = True
 
     def __init__(self, mask: str, noise: str, alpha: float, sm: bool, pm: bool):
         if mask not in MASKS:
@@ -135,7 +153,7 @@ class FedMRNCodec(Codec):
 
     @staticmethod
     def _split(ctx: CodecContext) -> tuple[list[TensorSpec], list[TensorSpec]]:
-        return ctx.spec.select(("weight",)), ctx.spec.select(("param", "buffer"))
+        return split_specs(ctx.spec)
 
     def noise_tensors(self, seed: int, specs: list[TensorSpec]) -> dict[str, torch.Tensor]:
         """This codec's noise for ``specs`` (the masked tensors), one tensor per name."""
@@ -153,9 +171,10 @@ class FedMRNCodec(Codec):
         delta = torch.from_numpy(ctx.spec.flatten(update, masked))
         p = mask_probability(delta / noise, self.mask)
         bits = (torch.rand(p.shape, generator=ctx.rng) < p) if self.sm else (p > 0.5)
-        packed = np.packbits(bits.numpy(), bitorder="little")
-        w = BodyWriter().u64(ctx.seed).u8(MASKS.index(self.mask)).u8(NOISES.index(self.noise)).f32(self.alpha)
-        return w.raw(packed).raw(ctx.spec.flatten(update, dense).astype("<f4", copy=False)).getvalue()
+        w = self.writer().u64(ctx.seed).u8(MASKS.index(self.mask)).u8(NOISES.index(self.noise)).f32(self.alpha)
+        contexts, k = noise_contexts(noise.numpy(), self.noise, self.alpha) if self.entropy else (None, 1)
+        w.symbols(bits.numpy(), 2, contexts, k)
+        return w.raw(ctx.spec.flatten(update, dense).astype("<f4", copy=False)).getvalue()
 
     def decode_body(self, reader: BodyReader, ctx: CodecContext) -> Update:
         masked, dense = self._split(ctx)
@@ -167,16 +186,15 @@ class FedMRNCodec(Codec):
             raise PayloadError("field", f"unknown mask kind {mask_i} or noise kind {noise_i}")
         if not (np.isfinite(alpha) and 0 < alpha <= 1e3):
             raise PayloadError("field", f"alpha {alpha} is not a positive finite scale")
-        expected = (n + 7) // 8 + 4 * sum(t.numel for t in dense)
-        if reader.remaining != expected:
-            raise PayloadError("size", f"body carries {reader.remaining} bytes after its fields; the model "
-                                       f"needs {expected}")
-        packed = reader.array(np.uint8, (n + 7) // 8, "mask bits")
-        if n % 8 and packed[-1] >> (n % 8):
-            raise PayloadError("field", "padding bits after the last mask bit are not zero")
-        bits = torch.from_numpy(np.unpackbits(packed, count=n, bitorder="little"))
-        noise = torch.from_numpy(make_noise(seed, n, NOISES[noise_i], alpha))
-        values = (noise * bits_to_mask(bits, MASKS[mask_i])).numpy()
+        if not self.entropy:
+            expected = (n + 7) // 8 + 4 * sum(t.numel for t in dense)
+            if reader.remaining != expected:
+                raise PayloadError("size", f"body carries {reader.remaining} bytes after its fields; the model "
+                                           f"needs {expected}")
+        noise_np = make_noise(seed, n, NOISES[noise_i], alpha)
+        contexts, k = noise_contexts(noise_np, NOISES[noise_i], alpha) if self.entropy else (None, 1)
+        bits = torch.from_numpy(reader.symbols(n, 2, "mask bits", contexts, k).astype(np.uint8))
+        values = (torch.from_numpy(noise_np) * bits_to_mask(bits, MASKS[mask_i])).numpy()
         out = ctx.spec.unflatten(values, masked)
         out.update(ctx.spec.unflatten(reader.array("<f4", sum(t.numel for t in dense), "dense values"), dense))
         return out

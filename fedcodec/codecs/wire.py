@@ -88,10 +88,15 @@ def unpack(payload: bytes, codec_id: str, spec_fp: bytes) -> memoryview:
 
 
 class BodyWriter:
-    """Accumulates a body from typed fields."""
+    """Accumulates a body from typed fields.
 
-    def __init__(self) -> None:
+    ``entropy`` selects how :meth:`symbols` sections are stored: fixed-width bit packing, or range
+    coding with a two-pass categorical model (:mod:`fedcodec.codecs.symbols`).
+    """
+
+    def __init__(self, entropy: bool = False) -> None:
         self._buf = bytearray()
+        self.entropy = entropy
 
     def u8(self, v: int) -> "BodyWriter":
         self._buf += struct.pack("<B", v)
@@ -109,6 +114,19 @@ class BodyWriter:
         self._buf += memoryview(data).cast("B") if isinstance(data, np.ndarray) else data
         return self
 
+    def u32(self, v: int) -> "BodyWriter":
+        self._buf += struct.pack("<I", v)
+        return self
+
+    def symbols(self, values: np.ndarray, alphabet: int, contexts: np.ndarray | None = None,
+                num_contexts: int = 1) -> "BodyWriter":
+        """Integer symbols in ``0..alphabet-1``; ``contexts`` (known to the decoder too) lets the
+        entropy coder keep one model per context."""
+        from .symbols import write_symbols
+
+        self._buf += write_symbols(values, alphabet, self.entropy, contexts, num_contexts)
+        return self
+
     def getvalue(self) -> bytes:
         return bytes(self._buf)
 
@@ -116,9 +134,10 @@ class BodyWriter:
 class BodyReader:
     """Reads typed fields from a body; every read is bounds-checked before it allocates."""
 
-    def __init__(self, body: memoryview):
+    def __init__(self, body: memoryview, entropy: bool = False):
         self._view = body
         self._pos = 0
+        self.entropy = entropy
 
     @property
     def remaining(self) -> int:
@@ -139,6 +158,20 @@ class BodyReader:
 
     def f32(self, what: str = "f32") -> float:
         return struct.unpack("<f", self._take(4, what))[0]
+
+    def u32(self, what: str = "u32") -> int:
+        return struct.unpack("<I", self._take(4, what))[0]
+
+    def take(self, n: int, what: str) -> memoryview:
+        """The next ``n`` raw bytes (bounds-checked)."""
+        return self._take(n, what)
+
+    def symbols(self, count: int, alphabet: int, what: str, contexts: np.ndarray | None = None,
+                num_contexts: int = 1) -> np.ndarray:
+        """``count`` symbols written by :meth:`BodyWriter.symbols` (int64, each checked < alphabet)."""
+        from .symbols import read_symbols
+
+        return read_symbols(self, count, alphabet, self.entropy, what, contexts, num_contexts)
 
     def array(self, dtype: np.dtype | str, count: int, what: str) -> np.ndarray:
         """``count`` items of little-endian ``dtype``, copied out of the payload."""

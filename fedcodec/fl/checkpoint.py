@@ -1,7 +1,9 @@
 """Crash-safe checkpoints: the whole run state in one safetensors file, replaced atomically.
 
-Tensors (the global model) are the file's tensors; everything else (round, records, ledger, config)
-is JSON in the file's metadata. One file means one ``os.replace``: a process killed at any instant
+Tensors are the file's tensors: the global model under its own names, each client's private store
+under ``client/<id>/<key>`` and the server's per-client store under ``server/<id>/<key>`` (model
+tensor names never contain ``/``); everything else (round, records, ledger, config) is JSON in the
+file's metadata. One file means one ``os.replace``: a process killed at any instant
 leaves either the previous checkpoint or the new one, never a mix. RNG state needs no saving: every
 random choice is a function of (seed, round, client).
 """
@@ -42,7 +44,11 @@ def save(path: Path, config: dict[str, Any], state) -> None:
         "records": json.dumps(state.records),
         "ledger": json.dumps([[e.round, e.client, e.direction, e.codec, e.nbytes] for e in state.ledger.entries]),
     }
-    atomic_write_bytes(path, serialize({k: v.contiguous() for k, v in state.global_params.items()}, metadata=meta))
+    tensors = {k: v.contiguous() for k, v in state.global_params.items()}
+    for prefix, stores in (("client", state.client_states), ("server", state.server_states)):
+        for owner, store in stores.items():
+            tensors.update({f"{prefix}/{owner}/{k}": v.contiguous() for k, v in store.items()})
+    atomic_write_bytes(path, serialize(tensors, metadata=meta))
 
 
 def load(path: Path, config: dict[str, Any]):
@@ -60,6 +66,13 @@ def load(path: Path, config: dict[str, Any]):
             raise ConfigError(f"cannot resume from {path}: it was made with a different config "
                               f"({', '.join(f'{k}: {saved.get(k)!r} vs {config.get(k)!r}' for k in differ)}). "
                               "Use the same settings, another --name, or drop --resume to start over.")
-        params = {k: f.get_tensor(k) for k in f.keys()}
+        params, stores = {}, {"client": {}, "server": {}}
+        for k in f.keys():
+            if k.startswith(("client/", "server/")):
+                prefix, owner, key = k.split("/", 2)
+                stores[prefix].setdefault(int(owner), {})[key] = f.get_tensor(k)
+            else:
+                params[k] = f.get_tensor(k)
     ledger = Ledger([Entry(*row) for row in json.loads(meta["ledger"])])
-    return RunState(int(meta["round"]), params, ledger, json.loads(meta["records"]))
+    return RunState(int(meta["round"]), params, ledger, json.loads(meta["records"]), stores["client"],
+                    stores["server"])

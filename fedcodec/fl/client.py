@@ -16,6 +16,7 @@ from torch import nn
 from torch.func import functional_call
 
 from ..codecs import Codec, CodecContext, ModelSpec, Parametrization, Update
+from .downlink import Downlink
 from . import rng as rngs
 
 
@@ -30,12 +31,13 @@ class LocalTraining:
 
 @dataclass
 class ClientRuntime:
-    """What a client process holds across rounds: its model object, the spec and the codecs."""
+    """What a client process holds across rounds: its model object, the spec and the codecs.
+    (Per-client state, such as error-feedback memory, is kept by the caller: see :func:`client_fit`.)"""
 
     model: nn.Module
     spec: ModelSpec
     uplink: Codec
-    downlink: Codec
+    downlink: Downlink
     run_seed: int
 
     def __post_init__(self) -> None:
@@ -103,13 +105,17 @@ def local_train(rt: ClientRuntime, global_params: Update, x: torch.Tensor, y: to
 
 
 def client_fit(rt: ClientRuntime, broadcast: bytes, x: torch.Tensor, y: torch.Tensor, cfg: LocalTraining,
-               rnd: int, client: int) -> tuple[bytes, dict]:
-    """One client's round: bytes in (the global model), bytes out (the encoded update)."""
-    down_ctx = CodecContext(rt.spec, client=-1, round=rnd)
-    global_params = rt.downlink.decode(broadcast, down_ctx)
+               rnd: int, client: int, state: dict[str, torch.Tensor] | None = None) -> tuple[bytes, dict]:
+    """One client's round: bytes in (the global model), bytes out (the encoded update).
+
+    ``state`` is this client's private store, kept across rounds by whoever runs the client (the
+    simulator's run state, a Flower node's context); stateful codecs (error feedback) update it in
+    place. A stateful codec without a store is a configuration error."""
+    global_params = rt.downlink.receive(broadcast, rnd, client, state)
     seed = rngs.derive_seed(rt.run_seed, rnd, rngs.CLIENT_NOISE, client)
     ctx = CodecContext(rt.spec, client=client, round=rnd, seed=seed,
-                       rng=rngs.torch_generator(rngs.derive_seed(rt.run_seed, rnd, rngs.CLIENT_CODEC, client)))
+                       rng=rngs.torch_generator(rngs.derive_seed(rt.run_seed, rnd, rngs.CLIENT_CODEC, client)),
+                       reference=global_params, state=state)
     param = rt.uplink.parametrization(ctx, global_params)
     shuffle = rngs.torch_generator(rngs.derive_seed(rt.run_seed, rnd, rngs.CLIENT_TRAIN, client))
     update, loss = local_train(rt, global_params, x, y, cfg, param, shuffle)

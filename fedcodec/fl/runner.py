@@ -59,7 +59,7 @@ def final_params(out: Path):
     """The global model stored in a method's checkpoint (tensors by name)."""
     from safetensors.torch import load_file
 
-    return load_file(str(out / CHECKPOINT))
+    return {k: v for k, v in load_file(str(out / CHECKPOINT)).items() if "/" not in k}
 
 
 __all__ = ["run_method", "final_params", "RunState"]

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..codecs import Codec, CodecContext, ModelSpec, Update
+from ..codecs.base import weighted_mean
 from ..errors import PayloadError
 
 log = logging.getLogger("fedcodec.server")
@@ -41,40 +42,36 @@ def update_norm(update: Update) -> float:
     return float(torch.sqrt(sum(t.double().pow(2).sum() for t in update.values())))
 
 
-def broadcast(downlink: Codec, spec: ModelSpec, global_params: Update, rnd: int) -> bytes:
-    return downlink.encode(global_params, CodecContext(spec, client=-1, round=rnd))
-
-
-def aggregate(spec: ModelSpec, global_params: Update, updates: list[tuple[int, float, Update]]) -> Update:
-    """Global + the example-weighted mean of the updates, summed in client-id order."""
+def aggregate(spec: ModelSpec, global_params: Update, updates: list[tuple[int, float, Update]],
+              codec: Codec | None = None) -> Update:
+    """Global + the codec's aggregate of the updates (default: the example-weighted mean), summed
+    in client-id order in float64."""
     if not updates:
         return global_params
     updates = sorted(updates, key=lambda u: u[0])
-    total = sum(w for _, w, _ in updates)
-    new = {}
-    for t in spec.tensors:
-        acc = torch.zeros(t.shape, dtype=torch.float64)
-        for _, w, upd in updates:
-            acc += upd[t.name].to(torch.float64) * (w / total)
-        new[t.name] = (global_params[t.name].to(torch.float64) + acc).to(torch.float32)
-    return new
+    step = codec.aggregate(spec, global_params, updates) if codec is not None else weighted_mean(spec, updates)
+    return {t.name: (global_params[t.name].to(torch.float64) + step[t.name]).to(torch.float32)
+            for t in spec.tensors}
 
 
 def server_round(uplink: Codec, spec: ModelSpec, global_params: Update, rnd: int,
                  payloads: dict[int, tuple[bytes, float]], min_clients: int = 1,
-                 max_update_norm: float | None = None) -> tuple[Update, RoundOutcome]:
+                 max_update_norm: float | None = None,
+                 references: dict[int, Update] | None = None) -> tuple[Update, RoundOutcome]:
     """Decode ``payloads`` ({client: (bytes, weight)}), reject bad ones, aggregate the rest.
 
     A rejected payload is logged with the client and the reason and leaves no trace in the model. If
     fewer than ``min_clients`` payloads decode, the global model is kept unchanged for this round.
-    With ``max_update_norm``, an update whose L2 norm exceeds it is rejected too.
+    With ``max_update_norm``, an update whose L2 norm exceeds it is rejected too. ``references``
+    holds the model each client trained from, when it is not ``global_params`` (lossy downlink).
     """
     outcome = RoundOutcome()
     decoded = []
     for client in sorted(payloads):
         data, weight = payloads[client]
         try:
-            upd = uplink.decode(data, CodecContext(spec, client=client, round=rnd))
+            ref = references.get(client, global_params) if references else global_params
+            upd = uplink.decode(data, CodecContext(spec, client=client, round=rnd, reference=ref))
             name = overflows(global_params, upd)
             if name is not None:
                 raise PayloadError("overflow", f"tensor {name!r} would leave the float32 range once applied", client)
@@ -93,7 +90,7 @@ def server_round(uplink: Codec, spec: ModelSpec, global_params: Update, rnd: int
         log.warning("round %d: only %d of %d payloads usable (< %d); global model unchanged",
                     rnd, len(decoded), len(payloads), min_clients)
         return global_params, outcome
-    new = aggregate(spec, global_params, decoded)
+    new = aggregate(spec, global_params, decoded, uplink)
     if not all(torch.isfinite(t).all() for t in new.values()):  # defence in depth; overflows() prevents it
         log.error("round %d: aggregate is not finite; global model unchanged", rnd)
         return global_params, outcome

@@ -2,7 +2,8 @@
 
 ``init`` builds the run state from a config; ``run_round`` advances it by one round. Every random
 choice comes from :mod:`fedcodec.fl.rng`, a function of (seed, round, client), so the state is the
-global model, the ledger and the records, nothing hidden.
+global model, the ledger, the records and the per-client stores (error-feedback memory, the
+downlink's model copies), nothing hidden.
 """
 
 from __future__ import annotations
@@ -21,8 +22,9 @@ from ..data import FederatedSource, partition
 from ..models import build_model
 from . import rng as rngs
 from .client import ClientRuntime, LocalTraining, client_fit
+from .downlink import Downlink
 from .ledger import Ledger
-from .server import RoundOutcome, broadcast, server_round
+from .server import RoundOutcome, server_round
 
 
 @dataclass
@@ -31,6 +33,11 @@ class RunState:
     global_params: Update
     ledger: Ledger = field(default_factory=Ledger)
     records: list[dict] = field(default_factory=list)
+    #: each client's private store (what the client keeps between rounds: error-feedback memory,
+    #: its copy of the model under a delta downlink)
+    client_states: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)
+    #: what the server keeps per client (its replica of the client's model under a delta downlink)
+    server_states: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)
 
 
 @dataclass
@@ -51,22 +58,26 @@ def setup(cfg: Config, source: FederatedSource) -> tuple[Simulation, RunState]:
     cfg.validate()
     model = build_model(cfg.model, source.input_shape, source.num_classes, seed=cfg.seed, init_std=cfg.init_std)
     spec = ModelSpec.from_model(model)
-    rt = ClientRuntime(model, spec, build_codec(cfg.method_spec().codec, **cfg.uplink_options),
-                       build_codec(cfg.downlink), cfg.seed)
+    uplink = build_codec(cfg.method_spec().codec, **cfg.uplink_options)
+    tensors = dict(model.named_parameters()) | dict(model.named_buffers())
+    initial = uplink.init_global({t.name: tensors[t.name].detach().clone() for t in spec.tensors}, spec)
+    downlink = Downlink(build_codec(cfg.downlink, **cfg.downlink_options), cfg.downlink_delta, spec, cfg.seed,
+                        initial)
+    rt = ClientRuntime(model, spec, uplink, downlink, cfg.seed)
     labels = source.train_y.numpy()
     kw = {"dirichlet": {"beta": cfg.beta, "min_size": cfg.min_client_size},
           "k-classes": {"k": cfg.classes_per_client}}.get(cfg.partition, {})
     parts = partition(labels, cfg.partition, cfg.num_clients, cfg.seed, **kw)
     training = LocalTraining(cfg.local_epochs, cfg.batch_size, cfg.client_lr, cfg.momentum, cfg.weight_decay)
     sim = Simulation(cfg, source, rt, [torch.from_numpy(p) for p in parts], training)
-    return sim, RunState(0, rt.snapshot())
+    return sim, RunState(0, dict(initial))
 
 
 @torch.no_grad()
 def evaluate(sim: Simulation, params: Update, batch_size: int = 1000) -> tuple[float, float]:
-    """Test accuracy and mean cross-entropy of ``params``."""
+    """Test accuracy and mean cross-entropy of ``params`` (as the uplink codec says to evaluate them)."""
     rt = sim.runtime
-    rt.load(params)
+    rt.load(rt.uplink.eval_params(params, rngs.derive_seed(sim.cfg.seed, rngs.EVAL)))
     rt.model.eval()
     x, y = sim.source.test_x, sim.source.test_y
     correct, loss = 0, 0.0
@@ -85,30 +96,32 @@ def run_round(sim: Simulation, state: RunState) -> RunState:
     t0 = time.perf_counter()
     clients = rngs.sample_clients(cfg.seed, rnd, cfg.num_clients, cfg.clients_per_round)
     dropped, late = rngs.round_failures(cfg.seed, rnd, clients, cfg.dropout, cfg.stragglers)
-    down = broadcast(rt.downlink, sim.spec, state.global_params, rnd)
+    down, views = rt.downlink.send(state.global_params, rnd, clients, state.server_states)
     payloads, losses = {}, []
     for c in clients:
-        state.ledger.record(rnd, c, "down", rt.downlink.codec_id, down)
+        state.ledger.record(rnd, c, "down", rt.downlink.codec.codec_id, down[c])
         if c in dropped:  # failed after receiving the model: nothing comes back
             continue
         idx = sim.parts[c]
-        payload, info = client_fit(rt, down, sim.source.train_x[idx], sim.source.train_y[idx], sim.training, rnd, c)
+        payload, info = client_fit(rt, down[c], sim.source.train_x[idx], sim.source.train_y[idx], sim.training, rnd,
+                                   c, state=state.client_states.setdefault(c, {}))
         state.ledger.record(rnd, c, "up", rt.uplink.codec_id, payload)
         losses.append(info["train_loss"])
         if c not in late:  # a straggler's bytes were sent, but after the deadline: not aggregated
             payloads[c] = (payload, float(info["num_examples"]))
-    return finish_round(sim, state, rnd, t0, len(clients), payloads, losses, len(dropped), len(late))[0]
+    return finish_round(sim, state, rnd, t0, len(clients), payloads, losses, len(dropped), len(late), views)[0]
 
 
 def finish_round(sim: Simulation, state: RunState, rnd: int, t0: float, sampled: int,
                  payloads: dict[int, tuple[bytes, float]], losses: list[float], dropped: int = 0,
-                 timed_out: int = 0) -> tuple[RunState, RoundOutcome]:
+                 timed_out: int = 0, references: dict[int, Update] | None = None) -> tuple[RunState, RoundOutcome]:
     """The server's half of round ``rnd`` once the payloads are in (the simulator and the Flower
     ServerApp share it): decode, reject, aggregate, evaluate, append the record, advance ``state``.
-    ``t0`` is the round's ``time.perf_counter()`` start; the ledger already holds the round's bytes."""
+    ``t0`` is the round's ``time.perf_counter()`` start; the ledger already holds the round's bytes;
+    ``references`` is the model each client trained from (what the downlink delivered)."""
     cfg, rt = sim.cfg, sim.runtime
     new_params, outcome = server_round(rt.uplink, sim.spec, state.global_params, rnd, payloads, cfg.min_clients,
-                                       cfg.max_update_norm)
+                                       cfg.max_update_norm, references)
     seconds = time.perf_counter() - t0
     record = {"round": rnd, "clients": sampled, "accepted": len(outcome.accepted),
               "rejected": len(outcome.rejected), "dropped": dropped, "timed_out": timed_out,

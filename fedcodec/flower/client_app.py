@@ -8,6 +8,10 @@ Messages (Message API):
   :func:`fedcodec.fl.client.client_fit` and replies ``ConfigRecord {"payload": bytes, "client": int}``
   plus ``MetricRecord {"num-examples", "train-loss"}``. The payload is the codec's bitstream as raw
   bytes; no float tensors travel up.
+
+The client's private store (error-feedback memory, its model copy under a delta downlink) lives in
+the node's ``context.state`` as an ArrayRecord, which the SuperNode keeps between messages of a run;
+it never leaves the node.
 """
 
 from __future__ import annotations
@@ -16,13 +20,14 @@ import json
 import logging
 import time
 
-from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from .common import METRICS, RECORD, ensure_logging, parse_run_config
 
 log = logging.getLogger("fedcodec.flower.client")
 app = ClientApp()
+STATE = "fedcodec-client-state"
 
 # A ClientApp process may serve several messages (Flower's simulation engine keeps it alive): the
 # dataset, model and codecs are built once per run config.
@@ -80,8 +85,11 @@ def train(msg: Message, context: Context) -> Message:
     if client != pid:
         raise ValueError(f"message for client {client} reached the node holding partition {pid}")
     idx = sim.parts[pid]
+    store = context.state[STATE].to_torch_state_dict() if STATE in context.state else {}
     payload, info = client_fit(sim.runtime, rec["broadcast"], sim.source.train_x[idx], sim.source.train_y[idx],
-                               sim.training, rnd, pid)
+                               sim.training, rnd, pid, state=store)
+    if store:
+        context.state[STATE] = ArrayRecord(torch_state_dict=store)
     if settings.corrupt_partition == pid:  # test hook: a byte flipped in transit (same length)
         flipped = bytearray(payload)
         flipped[len(flipped) // 2] ^= 0xFF

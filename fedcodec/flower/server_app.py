@@ -103,7 +103,6 @@ def run_rounds(grid: Grid, cfg, settings: FlowerSettings, out: Path) -> None:
 
     from ..data import load_dataset
     from ..fl import rng as rngs
-    from ..fl.server import broadcast
     from ..fl.simulation import finish_round, setup
     from ..report import summarize, write_method
 
@@ -118,15 +117,15 @@ def run_rounds(grid: Grid, cfg, settings: FlowerSettings, out: Path) -> None:
     for rnd in range(1, cfg.rounds + 1):
         t0 = time.perf_counter()
         clients = rngs.sample_clients(cfg.seed, rnd, cfg.num_clients, cfg.clients_per_round)
-        down = broadcast(rt.downlink, sim.spec, state.global_params, rnd)
-        failed: dict[int, str] = {}
+        failed: dict[int, str] = {c: "no SuperNode holds this partition" for c in clients if c not in holders}
+        down, views = rt.downlink.send(state.global_params, rnd, [c for c in clients if c in holders],
+                                       state.server_states)
         msgs, sent = [], []
         for c in clients:
             if c not in holders:
-                failed[c] = "no SuperNode holds this partition"
                 continue
-            state.ledger.record(rnd, c, "down", rt.downlink.codec_id, down)
-            content = RecordDict({RECORD: ConfigRecord({"broadcast": down, "round": rnd, "client": c})})
+            state.ledger.record(rnd, c, "down", rt.downlink.codec.codec_id, down[c])
+            content = RecordDict({RECORD: ConfigRecord({"broadcast": down[c], "round": rnd, "client": c})})
             msgs.append(Message(content, dst_node_id=holders[c], message_type=TRAIN, group_id=str(rnd)))
             sent.append(c)
         replies = collect(grid, msgs, cfg.min_clients, settings.round_timeout, settings.straggler_timeout)
@@ -154,7 +153,8 @@ def run_rounds(grid: Grid, cfg, settings: FlowerSettings, out: Path) -> None:
             payloads[c] = (payload, float(weight))
         for c, why in sorted(failed.items()):
             log.warning("round %d: client %d dropped (%s)", rnd, c, why)
-        state, outcome = finish_round(sim, state, rnd, t0, len(clients), payloads, losses, dropped=len(failed))
+        state, outcome = finish_round(sim, state, rnd, t0, len(clients), payloads, losses, dropped=len(failed),
+                                      references=views)
         record = state.records[-1]
         events["rounds"].append({"round": rnd, "sampled": clients, "accepted": outcome.accepted,
                                  "rejected": {str(c): r for c, r in outcome.rejected.items()},

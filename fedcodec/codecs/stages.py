@@ -1,0 +1,70 @@
+"""Composable stages that wrap any codec.
+
+* :class:`ErrorFeedback` (``ef=true``): the client adds the error its codec made last time to this
+  round's update before encoding, and keeps the new error (what the server will *not* see)
+  for next time: ``c = u + e;  payload = encode(c);  e = c - decode(payload)``. The residual is
+  computed from the very bytes sent, so it is exact. It lives in the client's own state
+  (``ctx.state``) and never travels.
+* Entropy coding (``entropy=true``) is not a wrapper: every symbol section a codec writes goes
+  through :mod:`fedcodec.codecs.symbols`, which either bit-packs or range-codes it.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import torch
+
+from ..errors import ConfigError
+from .base import Codec, CodecContext, ModelSpec, Parametrization, Update
+
+RESIDUAL = "ef/"
+
+
+class ErrorFeedback(Codec):
+    """Error-feedback memory around a lossy codec; same wire format as the codec it wraps."""
+
+    stateful = True
+
+    def __init__(self, inner: Codec):
+        self.inner = inner
+        self.codec_id = inner.codec_id
+        self.entropy = inner.entropy
+        self.symbolic = inner.symbolic
+
+    def __repr__(self) -> str:
+        return f"ErrorFeedback({type(self.inner).__name__})"
+
+    def parametrization(self, ctx: CodecContext, global_params: Update) -> Parametrization | None:
+        return self.inner.parametrization(ctx, global_params)
+
+    def init_global(self, params: Update, spec: ModelSpec) -> Update:
+        return self.inner.init_global(params, spec)
+
+    def aggregate(self, spec, global_params, updates):
+        return self.inner.aggregate(spec, global_params, updates)
+
+    def eval_params(self, params: Update, seed: int) -> Update:
+        return self.inner.eval_params(params, seed)
+
+    def encode(self, update: Mapping[str, torch.Tensor], ctx: CodecContext) -> bytes:
+        if ctx.state is None:
+            raise ConfigError("error feedback needs the client's state store (CodecContext.state); "
+                              "run it through fedcodec's client function")
+        names = ctx.spec.names
+        compensated = dict(update)  # extra entries (a parametrization's side values) pass through
+        for n in names:
+            if RESIDUAL + n in ctx.state:
+                compensated[n] = update[n] + ctx.state[RESIDUAL + n]
+        payload = self.inner.encode(compensated, ctx)
+        seen = self.inner.decode(payload, CodecContext(ctx.spec, ctx.client, ctx.round, reference=ctx.reference))
+        for n in names:
+            err = compensated[n] - seen[n]
+            if torch.count_nonzero(err):
+                ctx.state[RESIDUAL + n] = err.contiguous()
+            else:
+                ctx.state.pop(RESIDUAL + n, None)  # exact tensors (float32 side values) keep no memory
+        return payload
+
+    def decode(self, payload: bytes, ctx: CodecContext) -> Update:
+        return self.inner.decode(payload, ctx)
