@@ -60,7 +60,8 @@ class Case:
 
 
 def make_case(name: str, spec: ModelSpec, n_valid: int = 4) -> Case:
-    codec = build_codec(name)
+    base, _, stage = name.partition("+")  # "fedmrn+ec": the codec with its entropy stage
+    codec = build_codec(base, entropy=stage == "ec")
     valid = []
     for i in range(n_valid):
         g = torch.Generator().manual_seed(i)
@@ -285,8 +286,10 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--inputs", type=int, default=10_000, help="inputs per codec (default 10000)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--codecs", default=",".join(sorted(available_codecs())),
-                    help="comma-separated codec names (default: every registered codec)")
+    every = sorted(available_codecs()) + sorted(f"{n}+ec" for n, i in available_codecs().items() if i.factory.symbolic)
+    ap.add_argument("--codecs", default=",".join(every),
+                    help="comma-separated codec names, NAME+ec for the entropy stage (default: every registered "
+                         "codec, and each symbol-writing one with +ec)")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads (default 1: a decode is small, and timings stay steady on a busy machine)")
     ap.add_argument("--progress", action="store_true", help="progress lines on stderr")

@@ -21,11 +21,36 @@ def _add_run(sub) -> None:
                        description="Run a federated experiment in-process. Writes metrics.json/csv and "
                                    "ledger.csv per method, a combined results.md table and plot.png.",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--method", default="fedavg,fedmrn-binary",
+                   help=f"comma-separated methods: {', '.join(METHODS)}")
+    _experiment_args(p)
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted run from its checkpoints (same --out/--name and settings); "
+                        "methods that already finished are not rerun")
+
+
+def _add_compare(sub) -> None:
+    p = sub.add_parser("compare", help="run several methods on one setting and compare them (resumable)",
+                       description="Run a list of methods on one setting (same data partition, same client "
+                                   "sampling and seeds), then write <out>/<name>/results.md (final/best accuracy, "
+                                   "uplink and downlink MB, ratio to FedAvg, bits per parameter, s/round) and "
+                                   "plot.png (accuracy vs round and vs cumulative uplink MB, log x). Always "
+                                   "resumable: a finished method is not rerun, an interrupted one continues from "
+                                   "its checkpoint; rerun the same command to pick up where it stopped.",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--method", default="fedavg,fp16,signsgd,ef-signsgd,qsgd-1,qsgd-4,topk-ef,fedpm,fedbat,"
+                                       "fedmrn-binary,fedmrn-signed,fedmrn-binary-ec",
+                   help=f"comma-separated methods: {', '.join(METHODS)}")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="methods run at once, each in its own process with --threads/jobs torch threads "
+                        "(a method's result depends only on its config, seed and thread count)")
+    _experiment_args(p)
+
+
+def _experiment_args(p) -> None:
     p.add_argument("--preset", choices=sorted(PRESETS), default="quick",
                    help="starting point: quick (~1 min per method here), bench, paper (GPU)")
     p.add_argument("--config", metavar="FILE", help="TOML file with config keys (overrides the preset)")
-    p.add_argument("--method", default="fedavg,fedmrn-binary",
-                   help=f"comma-separated methods: {', '.join(METHODS)}")
     p.add_argument("--partition", choices=["iid", "dirichlet", "k-classes"])
     p.add_argument("--beta", type=float, help="Dirichlet concentration (partition=dirichlet)")
     p.add_argument("--rounds", type=int)
@@ -42,12 +67,26 @@ def _add_run(sub) -> None:
     p.add_argument("--name", help="run name (a folder under --out); default from dataset/partition/preset")
     p.add_argument("--threads", type=int, help="torch CPU threads")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="any config key, e.g. --set min_client_size=20; codec options as codec.NAME=VALUE, "
-                        "e.g. --set codec.noise=gaussian --set codec.pm=false")
-    p.add_argument("--resume", action="store_true",
-                   help="continue an interrupted run from its checkpoints (same --out/--name and settings); "
-                        "methods that already finished are not rerun")
+                   help="any config key, e.g. --set min_client_size=20; uplink codec options as codec.NAME=VALUE "
+                        "(e.g. --set codec.noise=gaussian --set codec.entropy=true --set codec.ef=true); the "
+                        "broadcast as --set downlink=fp16, or --set downlink=qsgd --set downlink.levels=255 "
+                        "--set downlink_delta=true")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _configs(args):
+    overrides, codec_opts = parse_assignments(args.set)
+    for flag, key in _FLAG_KEYS.items():
+        if getattr(args, flag) is not None:
+            overrides[key] = getattr(args, flag)
+    methods = [m.strip() for m in args.method.split(",") if m.strip()]
+    if len(set(methods)) != len(methods):
+        raise ConfigError(f"--method lists a method twice: {args.method}")
+    configs = [build_config(args.preset, args.config, {**overrides, "method": m, "codec_options": codec_opts})
+               for m in methods]  # validates every method before any training
+    first = configs[0]
+    name = args.name or f"{first.dataset}-{first.partition}-{args.preset}-s{first.seed}"
+    return configs, Path(first.out_dir) / name
 
 
 def _cmd_run(args) -> int:
@@ -57,18 +96,10 @@ def _cmd_run(args) -> int:
     from .fl.runner import run_method
     from .report import atomic_write_text, markdown_table, plot, run_title
 
-    overrides, codec_opts = parse_assignments(args.set)
-    for flag, key in _FLAG_KEYS.items():
-        if getattr(args, flag) is not None:
-            overrides[key] = getattr(args, flag)
-    methods = [m.strip() for m in args.method.split(",") if m.strip()]
-    configs = [build_config(args.preset, args.config, {**overrides, "method": m, "codec_options": codec_opts})
-               for m in methods]  # validates every method before any training
+    configs, root = _configs(args)
     first = configs[0]
     if first.threads:
         torch.set_num_threads(first.threads)
-    name = args.name or f"{first.dataset}-{first.partition}-{args.preset}-s{first.seed}"
-    root = Path(first.out_dir) / name
     source = load_dataset(first.dataset, first.data_dir, allow_subset=first.allow_subset)
     runs, summaries = {}, []
     for cfg in configs:
@@ -80,6 +111,61 @@ def _cmd_run(args) -> int:
     atomic_write_text(root / "results.md", f"# {title}\n\n{table}\n")
     plot(runs, root / "plot.png", title)
     print(f"\n{title}\n{table}\n\nresults: {root}/results.md  plot: {root}/plot.png")
+    return 0
+
+
+def _run_one(cfg, out: str, threads: int) -> tuple[str, dict]:
+    """One method of ``fedcodec compare --jobs N``, in a worker process."""
+    import dataclasses
+
+    import torch
+
+    from .data import load_dataset
+    from .fl.runner import run_method
+
+    torch.set_num_threads(threads)
+    cfg = dataclasses.replace(cfg, threads=threads)
+    source = load_dataset(cfg.dataset, cfg.data_dir, allow_subset=cfg.allow_subset)
+    return cfg.method, run_method(cfg, source, Path(out), resume=True, progress=False)[1]
+
+
+def _cmd_compare(args) -> int:
+    import dataclasses
+
+    from .report import rebuild
+
+    configs, root = _configs(args)
+    if args.jobs < 1:
+        raise ConfigError("--jobs must be >= 1")
+    if args.jobs == 1:
+        import torch
+
+        from .data import load_dataset
+        from .fl.runner import run_method
+
+        if configs[0].threads:
+            torch.set_num_threads(configs[0].threads)
+        first = configs[0]
+        source = load_dataset(first.dataset, first.data_dir, allow_subset=first.allow_subset)
+        for cfg in configs:
+            _, summary = run_method(cfg, source, root / cfg.method, resume=True, progress=not args.no_progress)
+            print(f"{cfg.method}: final accuracy {100 * summary['final_accuracy']:.2f}", flush=True)
+    else:
+        import multiprocessing as mp
+        import os
+        from concurrent.futures import ProcessPoolExecutor, as_completed
+
+        threads = max(1, (configs[0].threads or os.cpu_count() or 1) // args.jobs)
+        print(f"running {len(configs)} methods, {args.jobs} at a time with {threads} thread(s) each; "
+              f"results in {root}", flush=True)
+        with ProcessPoolExecutor(args.jobs, mp_context=mp.get_context("spawn")) as pool:
+            futures = [pool.submit(_run_one, dataclasses.replace(cfg), str(root / cfg.method), threads)
+                       for cfg in configs]
+            for fut in as_completed(futures):
+                method, summary = fut.result()
+                print(f"{method}: final accuracy {100 * summary['final_accuracy']:.2f}", flush=True)
+    print(rebuild(root))
+    print(f"\nresults: {root}/results.md  plot: {root}/plot.png")
     return 0
 
 
@@ -184,6 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"fedcodec {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_run(sub)
+    _add_compare(sub)
     d = sub.add_parser("data", help="find or download datasets")
     d.add_argument("action", choices=["where", "download"], help="where: print the Fashion-MNIST directory "
                    "that would be used; download: fetch it into the cache (needs internet)")
@@ -201,8 +288,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    handler = {"run": _cmd_run, "data": _cmd_data, "codecs": _cmd_codecs, "flower": _cmd_flower,
-               "report": _cmd_report}[args.command]
+    handler = {"run": _cmd_run, "compare": _cmd_compare, "data": _cmd_data, "codecs": _cmd_codecs,
+               "flower": _cmd_flower, "report": _cmd_report}[args.command]
     try:
         return handler(args)
     except FedcodecError as err:

@@ -70,13 +70,15 @@ def write_method(out: Path, config: dict, records: list[dict], summary: dict, le
 def markdown_table(summaries: list[dict]) -> str:
     """One row per method; the ratio is to the FedAvg row when present, else to a float32 payload."""
     base = next((s for s in summaries if s["method"] == "fedavg"), None)
-    head = ("| method | final acc | best acc | uplink B/client/round | bits/param | ratio vs FedAvg "
-            "| downlink B/client/round | s/round |\n|---|---:|---:|---:|---:|---:|---:|---:|")
+    head = ("| method | final acc | best acc | uplink MB | downlink MB | uplink B/client/round | bits/param "
+            "| ratio vs FedAvg | downlink B/client/round | s/round |\n"
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     rows = []
     for s in summaries:
         ratio = (base["uplink_bytes_per_client_round"] / s["uplink_bytes_per_client_round"]
                  if base and s["uplink_bytes_per_client_round"] else s["ratio_vs_fp32"])
         rows.append(f"| {s['method']} | {100 * s['final_accuracy']:.2f} | {100 * s['best_accuracy']:.2f} "
+                    f"| {s['uplink_total_bytes'] / MB:,.2f} | {s['downlink_total_bytes'] / MB:,.1f} "
                     f"| {s['uplink_bytes_per_client_round']:,.0f} | {s['bits_per_parameter']:.3f} "
                     f"| {ratio:.1f}x | {s['downlink_bytes_per_client_round']:,.0f} "
                     f"| {s['seconds_per_round']:.1f} |")
@@ -90,8 +92,11 @@ def plot(runs: dict[str, list[dict]], path: Path, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4.2))
-    for method, records in runs.items():
+    fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.8) if len(runs) > 6 else (11, 4.2))
+    colors = plt.get_cmap("tab20" if len(runs) > 10 else "tab10").colors
+    styles = ["-", "--", "-.", ":"]
+    for i, (method, records) in enumerate(runs.items()):
+        look = {"color": colors[i % len(colors)], "linestyle": styles[(i // len(colors)) % len(styles)]}
         cum, xs_r, xs_mb, ys = 0.0, [], [], []
         for r in records:
             cum += r["uplink_bytes"] / MB
@@ -99,15 +104,19 @@ def plot(runs: dict[str, list[dict]], path: Path, title: str) -> None:
                 xs_r.append(r["round"])
                 xs_mb.append(cum)
                 ys.append(100 * r["accuracy"])
-        a.plot(xs_r, ys, marker="o", ms=3, label=method)
-        b.plot(xs_mb, ys, marker="o", ms=3, label=method)
+        a.plot(xs_r, ys, marker="o", ms=2.5, label=method, **look)
+        b.plot(xs_mb, ys, marker="o", ms=2.5, label=method, **look)
     a.set_xlabel("round")
     b.set_xlabel("cumulative uplink (MB, all clients)")
     b.set_xscale("log")
     for ax in (a, b):
         ax.set_ylabel("test accuracy (%)")
         ax.grid(alpha=0.3)
-        ax.legend()
+    if len(runs) > 6:  # many curves: one legend beside the plots
+        b.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8)
+    else:
+        a.legend()
+        b.legend()
     fig.suptitle(title)
     fig.tight_layout()
     tmp = path.with_name(path.stem + ".tmp.png")

@@ -26,8 +26,13 @@ def tiny_spec() -> ModelSpec:
     return ModelSpec.from_model(Tiny())
 
 
-def ctx(spec: ModelSpec, seed: int = 7, client: int = 3, rng_seed: int = 11) -> CodecContext:
-    return CodecContext(spec, client=client, round=1, seed=seed, rng=torch_generator(rng_seed))
+def ctx(spec: ModelSpec, seed: int = 7, client: int = 3, rng_seed: int = 11,
+        reference: dict[str, torch.Tensor] | None = None) -> CodecContext:
+    """A client-round context; ``reference`` (the model the update is relative to, which FedPM needs)
+    defaults to the all-zero model of ``spec``."""
+    if reference is None:
+        reference = {t.name: torch.zeros(t.shape) for t in spec.tensors}
+    return CodecContext(spec, client=client, round=1, seed=seed, rng=torch_generator(rng_seed), reference=reference)
 
 
 def random_update(spec: ModelSpec, seed: int = 0, scale: float = 0.01) -> dict[str, torch.Tensor]:

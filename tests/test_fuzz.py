@@ -32,7 +32,9 @@ from fedcodec.errors import PayloadError
 from fedcodec.fl.server import aggregate, server_round
 from helpers import ctx, random_update, tiny_spec
 
-CODECS = sorted(available_codecs())
+# every codec with its defaults, and every symbol-writing codec with its entropy stage ("name+ec")
+CODECS = sorted(available_codecs()) + sorted(f"{n}+ec" for n, info in available_codecs().items()
+                                             if info.factory.symbolic)
 N_VALID = 3  # valid payloads per codec and spec that the mutations start from
 
 
@@ -73,7 +75,8 @@ class Case:
 
 @functools.cache
 def case(name: str, model: str = "tiny") -> Case:
-    codec = build_codec(name)
+    base, _, stage = name.partition("+")
+    codec = build_codec(base, entropy=stage == "ec")
     spec = tiny_spec() if model == "tiny" else cnn4_spec()
     valid = tuple(codec.encode(random_update(spec, seed=i, scale=0.01 * 10 ** i), ctx(spec, seed=100 + i, rng_seed=i))
                   for i in range(N_VALID))

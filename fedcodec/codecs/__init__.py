@@ -1,6 +1,6 @@
 """Update codecs. Importing this package registers every built-in codec."""
 
-from . import dense, fedmrn  # noqa: F401  (registration)
+from . import dense, fedbat, fedmrn, fedpm, qsgd, signsgd, topk  # noqa: F401  (registration)
 from .base import (Codec, CodecContext, ModelSpec, Parametrization, TensorSpec, Update, available_codecs,
                    build_codec, register)
 

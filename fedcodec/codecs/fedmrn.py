@@ -50,8 +50,8 @@ def noise_contexts(noise: np.ndarray, kind: str, alpha: float) -> tuple[np.ndarr
     top = _CONTEXT_RANGE[kind]
     if top == 0.0:
         return None, 1
-    scaled = np.abs(noise) * np.float32(CONTEXTS / (top * alpha))
-    return np.minimum(scaled.astype(np.int64), CONTEXTS - 1), CONTEXTS
+    scaled = np.abs(noise).astype(np.float64) * (CONTEXTS / (top * float(alpha)))  # float64: no overflow
+    return np.minimum(scaled, CONTEXTS - 1).astype(np.uint8), CONTEXTS
 
 
 def make_noise(seed: int, n: int, kind: str, alpha: float) -> np.ndarray:
@@ -62,17 +62,23 @@ def make_noise(seed: int, n: int, kind: str, alpha: float) -> np.ndarray:
     """
     rng = np.random.Generator(np.random.PCG64(seed))
     a = np.float32(alpha)
+    # in-place float32 arithmetic: the same operations in the same order as ``(u * 2 - 1) * a``
     if kind == "uniform":
-        base = rng.random(n, dtype=np.float32) * np.float32(2) - np.float32(1)
+        noise = rng.random(n, dtype=np.float32)
+        noise *= np.float32(2)
+        noise -= np.float32(1)
     elif kind == "gaussian":
-        base = rng.standard_normal(n, dtype=np.float32)
+        noise = rng.standard_normal(n, dtype=np.float32)
     elif kind == "rademacher":
-        base = rng.integers(0, 2, n, dtype=np.int8).astype(np.float32) * np.float32(2) - np.float32(1)
+        noise = rng.integers(0, 2, n, dtype=np.int8).astype(np.float32)
+        noise *= np.float32(2)
+        noise -= np.float32(1)
     else:
         raise ConfigError(f"unknown noise {kind!r}; choose one of {NOISES}")
-    noise = base * a
-    small = np.abs(noise) < NOISE_FLOOR
-    noise[small] = np.where(noise[small] < 0, -NOISE_FLOOR, NOISE_FLOOR)
+    noise *= a
+    small = np.flatnonzero(np.abs(noise) < NOISE_FLOOR)
+    if small.size:
+        noise[small] = np.where(noise[small] < 0, -NOISE_FLOOR, NOISE_FLOOR)
     return noise
 
 
@@ -168,8 +174,9 @@ class FedMRNCodec(Codec):
     def encode_body(self, update: Mapping[str, torch.Tensor], ctx: CodecContext) -> bytes:
         masked, dense = self._split(ctx)
         noise = torch.from_numpy(make_noise(ctx.seed, sum(t.numel for t in masked), self.noise, self.alpha))
-        delta = torch.from_numpy(ctx.spec.flatten(update, masked))
-        p = mask_probability(delta / noise, self.mask)
+        ratio = torch.from_numpy(ctx.spec.flatten(update, masked)).div_(noise)  # a fresh copy: in place is safe
+        # mask_probability(), in place (same float32 operations)
+        p = ratio.clamp_(0.0, 1.0) if self.mask == "binary" else ratio.add_(1.0).mul_(0.5).clamp_(0.0, 1.0)
         bits = (torch.rand(p.shape, generator=ctx.rng) < p) if self.sm else (p > 0.5)
         w = self.writer().u64(ctx.seed).u8(MASKS.index(self.mask)).u8(NOISES.index(self.noise)).f32(self.alpha)
         contexts, k = noise_contexts(noise.numpy(), self.noise, self.alpha) if self.entropy else (None, 1)
@@ -191,10 +198,13 @@ class FedMRNCodec(Codec):
             if reader.remaining != expected:
                 raise PayloadError("size", f"body carries {reader.remaining} bytes after its fields; the model "
                                            f"needs {expected}")
-        noise_np = make_noise(seed, n, NOISES[noise_i], alpha)
-        contexts, k = noise_contexts(noise_np, NOISES[noise_i], alpha) if self.entropy else (None, 1)
-        bits = torch.from_numpy(reader.symbols(n, 2, "mask bits", contexts, k).astype(np.uint8))
-        values = (torch.from_numpy(noise_np) * bits_to_mask(bits, MASKS[mask_i])).numpy()
+        values = make_noise(seed, n, NOISES[noise_i], alpha)
+        contexts, k = noise_contexts(values, NOISES[noise_i], alpha) if self.entropy else (None, 1)
+        mask = reader.symbols(n, 2, "mask bits", contexts, k).astype(np.float32)
+        if MASKS[mask_i] == "signed":  # bits_to_mask(), in numpy: {0,1} -> {-1,+1}
+            mask *= np.float32(2)
+            mask -= np.float32(1)
+        values *= mask  # noise * mask
         out = ctx.spec.unflatten(values, masked)
         out.update(ctx.spec.unflatten(reader.array("<f4", sum(t.numel for t in dense), "dense values"), dense))
         return out

@@ -52,9 +52,36 @@ def _groups(count: int, contexts: np.ndarray | None, num_contexts: int) -> list[
         return None
     if len(contexts) != count:
         raise ValueError(f"{len(contexts)} contexts for {count} symbols")
-    order = np.argsort(contexts, kind="stable")
-    bounds = np.searchsorted(contexts[order], np.arange(num_contexts + 1))
+    small = contexts.astype(np.uint8 if num_contexts <= 256 else np.uint16)  # numpy radix-sorts these
+    order = np.argsort(small, kind="stable")
+    bounds = np.searchsorted(small[order], np.arange(num_contexts + 1))
     return [order[bounds[c]:bounds[c + 1]] for c in range(num_contexts)]
+
+
+def _pack_groups(values: np.ndarray, w: int) -> np.ndarray:
+    """LSB-first packing for w <= 8: every 8 symbols fill exactly w bytes, built as one uint64."""
+    groups = -(-len(values) // 8)
+    padded = np.zeros(groups * 8, np.uint64)
+    padded[:len(values)] = values
+    padded = padded.reshape(groups, 8)
+    acc = np.zeros(groups, np.uint64)
+    for j in range(8):
+        acc |= padded[:, j] << np.uint64(j * w)
+    return acc.astype("<u8").view(np.uint8).reshape(groups, 8)[:, :w].reshape(-1)
+
+
+def _unpack_groups(raw: np.ndarray, w: int, count: int) -> np.ndarray:
+    groups = -(-count // 8)
+    buf = np.zeros((groups, 8), np.uint8)
+    flat = np.zeros(groups * w, np.uint8)
+    flat[:len(raw)] = raw
+    buf[:, :w] = flat.reshape(groups, w)
+    acc = buf.reshape(-1).view("<u8")
+    mask = np.uint64((1 << w) - 1)
+    out = np.empty((groups, 8), np.int64)
+    for j in range(8):
+        out[:, j] = (acc >> np.uint64(j * w)) & mask
+    return out.reshape(-1)[:count]
 
 
 def _model(counts: np.ndarray):
@@ -75,6 +102,8 @@ def write_symbols(values: np.ndarray, alphabet: int, entropy: bool, contexts: np
             return b""
         if w == 1:
             return np.packbits(values.astype(np.uint8), bitorder="little").tobytes()
+        if w <= 8:
+            return _pack_groups(values, w)[:fixed_size(len(values), alphabet)].tobytes()
         bits = ((values.astype(np.uint32)[:, None] >> np.arange(w, dtype=np.uint32)) & 1).astype(np.uint8)
         return np.packbits(bits.reshape(-1), bitorder="little").tobytes()
     import constriction
@@ -106,7 +135,10 @@ def read_symbols(reader, count: int, alphabet: int, entropy: bool, what: str,
         bits = np.unpackbits(raw, count=nbits, bitorder="little")
         if w == 1:
             return bits.astype(np.int64)
-        out = bits.reshape(count, w).astype(np.int64) @ (np.int64(1) << np.arange(w, dtype=np.int64))
+        if w <= 8:
+            out = _unpack_groups(raw, w, count)
+        else:
+            out = bits.reshape(count, w).astype(np.int64) @ (np.int64(1) << np.arange(w, dtype=np.int64))
         if out.size and out.max() >= alphabet:
             raise PayloadError("field", f"{what}: symbol {int(out.max())} outside the alphabet of {alphabet}")
         return out

@@ -35,6 +35,20 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
+def check_config(saved: dict[str, Any], config: dict[str, Any], path: Path) -> None:
+    """Refuse to continue (or reuse) a run saved at ``path`` with a config that differs from ``config``."""
+    from ..config import Config
+
+    # a key the saved config lacks was added to fedcodec later: the saved run used its default
+    saved = Config().to_dict() | saved
+    differ = sorted(k for k in set(saved) | set(config)
+                    if k not in RESUMABLE_DIFFERENCES and saved.get(k) != config.get(k))
+    if differ:
+        raise ConfigError(f"cannot resume from {path}: it was made with a different config "
+                          f"({', '.join(f'{k}: {saved.get(k)!r} vs {config.get(k)!r}' for k in differ)}). "
+                          "Use the same settings, another --name, or drop --resume to start over.")
+
+
 def save(path: Path, config: dict[str, Any], state) -> None:
     """Write ``state`` (a :class:`~fedcodec.fl.simulation.RunState`) to ``path`` atomically."""
     meta = {
@@ -59,13 +73,7 @@ def load(path: Path, config: dict[str, Any]):
         meta = f.metadata() or {}
         if meta.get("format") != FORMAT:
             raise ConfigError(f"{path} is not a fedcodec checkpoint (format {meta.get('format')!r})")
-        saved = json.loads(meta["config"])
-        differ = sorted(k for k in set(saved) | set(config)
-                        if k not in RESUMABLE_DIFFERENCES and saved.get(k) != config.get(k))
-        if differ:
-            raise ConfigError(f"cannot resume from {path}: it was made with a different config "
-                              f"({', '.join(f'{k}: {saved.get(k)!r} vs {config.get(k)!r}' for k in differ)}). "
-                              "Use the same settings, another --name, or drop --resume to start over.")
+        check_config(json.loads(meta["config"]), config, path)
         params, stores = {}, {"client": {}, "server": {}}
         for k in f.keys():
             if k.startswith(("client/", "server/")):

@@ -31,8 +31,8 @@ def run_method(cfg: Config, source: FederatedSource, out: Path, resume: bool = F
     ckpt = out / CHECKPOINT
     if resume and (out / "metrics.json").exists():
         done = json.loads((out / "metrics.json").read_text())
-        if done["summary"]["rounds"] == cfg.rounds and ckpt.exists():
-            checkpoint.load(ckpt, config)  # refuses a finished run made with another config
+        if done["summary"]["rounds"] == cfg.rounds:
+            checkpoint.check_config(done["config"], config, out / "metrics.json")  # made with another config?
             log.info("%s: already finished (%d rounds), not rerun", cfg.method, cfg.rounds)
             return done["rounds"], done["summary"]
     sim, state = setup(cfg, source)

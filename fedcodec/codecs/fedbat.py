@@ -1,0 +1,152 @@
+"""FedBAT: the update is binarized with a learned step size (Li et al., ICML 2024).
+
+Every conv/linear kernel ("weight" role) is binarized; BatchNorm parameters and running statistics
+and biases train normally and travel as float32, as in FedMRN.
+
+Local training (:class:`StochasticBinaryTraining`) learns, per binarized tensor, an update ``Δ``
+(latent, reset to 0 every round) and a step size ``α > 0`` (latent, initialised to the codec option
+``step``). ``α`` is kept positive by learning ``log α`` (latent name ``"<tensor>/log_step"``, not a
+model tensor); the gradient that reaches ``α`` is the one the weight ``global + α·b`` gives it
+(``d/dα = b`` per element, hence ``d/d log α = α·b``). Every forward pass draws
+``b ∈ {-1, +1}`` with ``P(b = +1) = clip((Δ/α + 1) / 2, 0, 1)`` (stochastic binarization, unbiased
+for ``|Δ| ≤ α``) from the client's generator and uses the weight ``global + α·b``; the gradient reaches
+``Δ`` straight through the sampling (``d/dΔ = 1``). At the end the parametrization returns
+``clip(Δ, -α, α)`` per tensor and the side value ``"<tensor>/step"`` = ``α`` (a 0-d float32 tensor),
+which only this codec's encoder reads.
+
+Encoding: per binarized tensor the step ``α`` is its side value when the update carries one, else
+(the codec applied to an arbitrary update) ``max |u|`` of that tensor (the smallest normal float32
+if the tensor is all zeros). Bits ``b ~ Bernoulli(clip((u/α + 1) / 2, 0, 1))`` are drawn with
+``ctx.rng`` (bit 1 stands for ``+α``). The body is::
+
+    α float32 per binarized tensor (spec order) | bits (one symbol section, alphabet 2, n = all
+    binarized weights) | float32 dense values
+
+i.e. ``4 * k + ceil(n / 8) + 4 * n_dense`` bytes in fixed mode for ``k`` binarized tensors; with
+``entropy=true`` the bits are range coded (one model). Decoding: ``α · (2b - 1)``; every ``α`` must be
+finite and positive. Aggregation: the example-weighted mean (the codec's default).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Mapping
+
+import numpy as np
+import torch
+
+from ..errors import ConfigError, PayloadError
+from .base import Codec, CodecContext, Parametrization, TensorSpec, Update, register, split_specs
+from .wire import BodyReader
+
+#: suffix of the side value carrying a tensor's step size (``finish`` → ``encode``)
+STEP = "/step"
+#: suffix of the latent tensor holding a tensor's log step size during local training
+LOG_STEP = "/log_step"
+#: the step sent for an all-zero tensor when no step is given: any positive step is unbiased there
+ZERO_STEP = float(np.finfo(np.float32).tiny)
+
+
+def binarize_probability(u: torch.Tensor, alpha: torch.Tensor | float) -> torch.Tensor:
+    """P(b = +1) for update ``u`` and step ``alpha``."""
+    return ((u / alpha + 1.0) * 0.5).clamp(0.0, 1.0)
+
+
+class StochasticBinaryTraining(Parametrization):
+    """Learn ``Δ`` and ``log α`` per binarized tensor; see the module docstring."""
+
+    def __init__(self, specs: list[TensorSpec], step: float, gen: torch.Generator | None):
+        self.specs = specs
+        self.names = tuple(t.name for t in specs)
+        self.step, self.gen = step, gen
+
+    def init(self) -> Update:
+        out = {}
+        for t in self.specs:
+            out[t.name] = torch.zeros(t.shape, requires_grad=True)
+            out[t.name + LOG_STEP] = torch.tensor(math.log(self.step), dtype=torch.float32, requires_grad=True)
+        return out
+
+    def deltas(self, latent: Update, progress: float) -> Update:
+        out = {}
+        for n in self.names:
+            u, alpha = latent[n], torch.exp(latent[n + LOG_STEP])
+            with torch.no_grad():
+                p = binarize_probability(u, alpha)
+                b = (torch.rand(u.shape, generator=self.gen) < p).to(torch.float32) * 2.0 - 1.0
+            out[n] = alpha * b + (u - u.detach())  # d/dΔ = 1 (straight through), d/dα = b
+        return out
+
+    def finish(self, latent: Update) -> Update:
+        out = {}
+        with torch.no_grad():
+            for n in self.names:
+                alpha = torch.exp(latent[n + LOG_STEP]).to(torch.float32)
+                out[n] = torch.maximum(torch.minimum(latent[n], alpha), -alpha)
+                out[n + STEP] = alpha.clone()
+        return out
+
+
+@register("fedbat", "stochastic binarization of the update with a learned step size (FedBAT)", step=0.005)
+class FedBATCodec(Codec):
+    codec_id = "fedbat"
+    symbolic = True
+
+    def __init__(self, step: float):
+        try:
+            step = float(step)
+        except (TypeError, ValueError):
+            raise ConfigError(f"step must be a number, got {step!r}") from None
+        if not (math.isfinite(step) and step > 0 and np.isfinite(np.float32(step)) and np.float32(step) > 0):
+            raise ConfigError(f"step must be a positive finite float32, got {step}")
+        self.step = step
+
+    def parametrization(self, ctx: CodecContext, global_params: Update) -> Parametrization:
+        return StochasticBinaryTraining(split_specs(ctx.spec)[0], self.step, ctx.rng)
+
+    @staticmethod
+    def steps(update: Mapping[str, torch.Tensor], specs: list[TensorSpec]) -> np.ndarray:
+        """The float32 step of each tensor in ``specs``: its side value, else ``max |u|``."""
+        out = np.zeros(len(specs), np.float32)
+        for i, t in enumerate(specs):
+            side = update.get(t.name + STEP)
+            if side is not None:
+                if side.numel() != 1:
+                    raise ConfigError(f"side value {t.name + STEP!r} must hold one step size, has {side.numel()}")
+                out[i] = np.float32(float(side.reshape(-1)[0]))
+            else:
+                u = update[t.name]
+                out[i] = np.float32(float(u.detach().abs().max())) if u.numel() else np.float32(ZERO_STEP)
+                if out[i] == 0:
+                    out[i] = np.float32(ZERO_STEP)
+        return out
+
+    def encode_body(self, update: Mapping[str, torch.Tensor], ctx: CodecContext) -> bytes:
+        binarized, dense = split_specs(ctx.spec)
+        alphas = self.steps(update, binarized)
+        per_element = torch.from_numpy(np.repeat(alphas, [t.numel for t in binarized]))
+        p = binarize_probability(torch.from_numpy(ctx.spec.flatten(update, binarized)), per_element)
+        bits = (torch.rand(p.shape, generator=ctx.rng) < p).numpy()
+        w = self.writer().raw(alphas.astype("<f4", copy=False)).symbols(bits, 2)
+        return w.raw(ctx.spec.flatten(update, dense).astype("<f4", copy=False)).getvalue()
+
+    def decode_body(self, reader: BodyReader, ctx: CodecContext) -> Update:
+        binarized, dense = split_specs(ctx.spec)
+        k, n = len(binarized), sum(t.numel for t in binarized)
+        n_dense = sum(t.numel for t in dense)
+        if not self.entropy:
+            expected = 4 * k + (n + 7) // 8 + 4 * n_dense
+            if reader.remaining != expected:
+                raise PayloadError("size", f"body carries {reader.remaining} bytes; the model needs {expected}")
+        alphas = reader.array("<f4", k, "step sizes")
+        bad = ~(np.isfinite(alphas) & (alphas > 0))
+        if bad.any():
+            i = int(np.argmax(bad))
+            raise PayloadError("field", f"step size {alphas[i]} of tensor {binarized[i].name!r} is not a positive "
+                                        "finite number")
+        bits = reader.symbols(n, 2, "sign bits")
+        per_element = np.repeat(alphas, [t.numel for t in binarized])
+        values = np.where(bits.astype(bool), per_element, -per_element)
+        out = ctx.spec.unflatten(values, binarized)
+        out.update(ctx.spec.unflatten(reader.array("<f4", n_dense, "dense values"), dense))
+        return out

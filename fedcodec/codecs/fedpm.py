@@ -1,0 +1,227 @@
+"""FedPM: clients learn Bernoulli masks over frozen random weights (Isik et al., ICLR 2023).
+
+Every conv/linear kernel ("weight" role) is *masked*: its weights are frozen at a seeded random
+init ``w0`` and only a keep-probability ``theta`` per weight is learned. BatchNorm parameters and
+running statistics and biases train normally and travel as float32, as in FedMRN.
+
+Frozen weights: signed Kaiming constant, ``w0 = ±sqrt(2 / fan_in)`` with ``fan_in = prod(shape[1:])``.
+The signs are one Rademacher stream over all masked tensors concatenated in spec order, from
+NumPy's PCG64 seeded with the codec option ``weight_seed`` (:func:`fedcodec.codecs.fedmrn.make_noise`,
+bit-identical on every machine). ``weight_seed`` is part of the run configuration both ends share;
+it is not sent.
+
+The global model holds the *expected* network: a masked tensor's global value is ``w0 * theta``, so
+``theta = global / w0`` (:meth:`FedPMCodec.init_global` starts from ``theta = 0.5``). Everything else
+in the engine (downlink, checkpoints, overflow checks) therefore sees ordinary float tensors.
+
+Local training (:class:`BernoulliMaskTraining`): latent scores ``s = logit(clamp(theta, EPS, 1 - EPS))``
+with ``EPS = 1e-3`` (so a score starts finite even where the global ``theta`` is 0 or 1, and at most
+``|logit(EPS)| ~ 6.9`` from 0). Every forward pass samples ``m ~ Bernoulli(sigmoid(s))`` from the
+client's generator and uses the weight ``w0 * m``; the gradient reaches ``s`` straight through the
+sampling, as if the weight were ``w0 * sigmoid(s)``. The update handed to the encoder is the expected
+one, ``w0 * sigmoid(s) - global``.
+
+Encoding: ``theta' = clamp((reference + update) / w0, 0, 1)`` (``reference`` = the model the client
+trained from, :attr:`CodecContext.reference`), one mask ``m ~ Bernoulli(theta')`` is drawn with
+``ctx.rng`` and sent. The body is::
+
+    mask bits (one symbol section, alphabet 2, n = all masked weights) | float32 dense values
+
+i.e. ``ceil(n / 8) + 4 * n_dense`` bytes in fixed mode. With ``entropy=true`` the mask bits are range
+coded with one model per bucket of the reference's ``theta = clamp(reference / w0, 0, 1)``
+(:data:`CONTEXTS` equal buckets of [0, 1]): both ends hold the reference before the bits, and a bit is
+1 with a probability close to it. This needs the reference to be bit-identical at both ends, which
+the engine guarantees (the server decodes against what the downlink delivered).
+
+Decoding: ``update = w0 * m - reference`` for masked tensors, so ``reference + update`` is the sampled
+network ``w0 * m`` (up to one float32 rounding). A decode without ``ctx.reference`` is rejected
+(``PayloadError`` reason ``"reference"``): the mask alone does not determine an update.
+
+Aggregation (:meth:`FedPMCodec.aggregate`): Bayesian, with a uniform ``Beta(1, 1)`` prior reset every
+round: ``theta_new = (1 + sum_k m_k) / (2 + K)`` over the ``K`` accepted clients, unweighted (every
+client's mask counts once, as in the paper), and the step is ``w0 * theta_new - global``. The masks
+are recovered as ``m_k = round((u_k + global) / w0)``, i.e. assuming every client's reference is the
+current global model. Under the default float32 downlink that is exact; under a lossy downlink the
+reference differs from the global model by the downlink's error, far below ``|w0| / 2``, and the
+rounding still recovers ``m_k`` exactly. Dense tensors: the example-weighted mean.
+
+Evaluation (:meth:`FedPMCodec.eval_params`): the evaluated network is one sample ``w0 * m``,
+``m ~ Bernoulli(theta)``, drawn with a ``torch.Generator`` seeded with the evaluation seed
+(deterministic); dense tensors as they are.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Mapping
+
+import numpy as np
+import torch
+
+from ..errors import ConfigError, PayloadError
+from .base import (Codec, CodecContext, ModelSpec, Parametrization, TensorSpec, Update, register, split_specs,
+                   weighted_mean)
+from .fedmrn import make_noise
+from .wire import BodyReader
+
+#: scores start at logit(clamp(theta, EPS, 1 - EPS))
+EPS = 1e-3
+#: buckets of the reference's theta used as entropy-coding contexts
+CONTEXTS = 8
+
+
+def fan_in(t: TensorSpec) -> int:
+    return max(int(np.prod(t.shape[1:], dtype=np.int64)), 1)
+
+
+def frozen_weights(seed: int, specs: list[TensorSpec]) -> np.ndarray:
+    """The frozen weights of ``specs`` concatenated (float32): ``±sqrt(2 / fan_in)``, signs from PCG64(seed)."""
+    n = sum(t.numel for t in specs)
+    signs = make_noise(seed, n, "rademacher", 1.0)
+    scale = np.repeat(np.array([math.sqrt(2.0 / fan_in(t)) for t in specs], np.float32),
+                      [t.numel for t in specs]) if specs else np.zeros(0, np.float32)
+    return signs * scale
+
+
+def theta_contexts(reference: np.ndarray, w0: np.ndarray) -> np.ndarray:
+    """Entropy-coding context of each mask bit: the bucket of ``clamp(reference / w0, 0, 1)``."""
+    theta = np.nan_to_num(np.clip(reference / w0, np.float32(0), np.float32(1)), nan=0.5)
+    return np.minimum((theta * np.float32(CONTEXTS)).astype(np.int64), CONTEXTS - 1)
+
+
+class BernoulliMaskTraining(Parametrization):
+    """Learn mask scores over frozen weights ``w0``; see the module docstring."""
+
+    def __init__(self, specs: list[TensorSpec], w0: dict[str, torch.Tensor], global_params: Update,
+                 gen: torch.Generator | None):
+        self.names = tuple(t.name for t in specs)
+        self.w0, self.gen = w0, gen
+        self.base = {n: global_params[n].detach().float() for n in self.names}
+
+    def init(self) -> Update:
+        return {n: torch.logit((self.base[n] / self.w0[n]).clamp(EPS, 1 - EPS)).requires_grad_()
+                for n in self.names}
+
+    def deltas(self, latent: Update, progress: float) -> Update:
+        out = {}
+        for n in self.names:
+            w0, p = self.w0[n], torch.sigmoid(latent[n])
+            with torch.no_grad():
+                value = w0 * (torch.rand(p.shape, generator=self.gen) < p) - self.base[n]
+            soft = w0 * p
+            out[n] = value + (soft - soft.detach())  # value w0*m; gradient as if w0*sigmoid(s)
+        return out
+
+    def finish(self, latent: Update) -> Update:
+        with torch.no_grad():
+            return {n: self.w0[n] * torch.sigmoid(latent[n]) - self.base[n] for n in self.names}
+
+
+def _seed(value) -> int:
+    if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+        seed = int(value)
+    elif isinstance(value, str) and value.strip().isdigit():
+        seed = int(value)
+    else:
+        raise ConfigError(f"weight_seed must be an integer, got {value!r}")
+    if not 0 <= seed < 2**64:
+        raise ConfigError(f"weight_seed must be in 0..2**64-1, got {seed}")
+    return seed
+
+
+@register("fedpm", "Bernoulli masks over frozen random weights, Bayesian aggregation (FedPM)", weight_seed=0)
+class FedPMCodec(Codec):
+    codec_id = "fedpm"
+    symbolic = True
+
+    def __init__(self, weight_seed: int):
+        self.weight_seed = _seed(weight_seed)
+        self._cache: dict[bytes, np.ndarray] = {}
+        self._spec: ModelSpec | None = None  # the last spec seen; eval_params is not given one
+
+    # -- frozen weights ----------------------------------------------------------------------------
+    def _w0_flat(self, spec: ModelSpec) -> np.ndarray:
+        self._spec = spec
+        fp = spec.fingerprint
+        if fp not in self._cache:
+            w0 = frozen_weights(self.weight_seed, split_specs(spec)[0])
+            w0.setflags(write=False)
+            self._cache[fp] = w0
+        return self._cache[fp]
+
+    def frozen(self, spec: ModelSpec) -> dict[str, torch.Tensor]:
+        """The frozen weights ``w0`` of the masked tensors of ``spec``, one tensor per name."""
+        masked = split_specs(spec)[0]
+        return ModelSpec(tuple(masked)).unflatten(self._w0_flat(spec).copy(), masked)
+
+    @staticmethod
+    def _reference(ctx: CodecContext, masked: list[TensorSpec]) -> np.ndarray:
+        return ctx.spec.flatten(ctx.reference, masked)
+
+    # -- server-side hooks -------------------------------------------------------------------------
+    def init_global(self, params: Update, spec: ModelSpec) -> Update:
+        out = dict(params)
+        for name, w0 in self.frozen(spec).items():
+            out[name] = w0 * 0.5
+        return out
+
+    def aggregate(self, spec: ModelSpec, global_params: Update,
+                  updates: list[tuple[int, float, Update]]) -> dict[str, torch.Tensor]:
+        masked, dense = split_specs(spec)
+        step = weighted_mean(ModelSpec(tuple(dense)), updates)
+        k = len(updates)
+        for name, w0 in self.frozen(spec).items():
+            w0 = w0.to(torch.float64)
+            g = global_params[name].to(torch.float64)
+            count = torch.zeros_like(g)
+            for _, _, upd in updates:
+                count += torch.round((upd[name].to(torch.float64) + g) / w0).clamp(0, 1)
+            step[name] = w0 * ((1.0 + count) / (2.0 + k)) - g
+        return step
+
+    def eval_params(self, params: Update, seed: int) -> Update:
+        if self._spec is None:
+            raise ConfigError("fedpm.eval_params needs the model spec: call init_global (or any other hook) first")
+        masked = split_specs(self._spec)[0]
+        w0 = torch.from_numpy(self._w0_flat(self._spec).copy())
+        theta = (torch.from_numpy(self._spec.flatten(params, masked)) / w0).clamp(0, 1)
+        gen = torch.Generator().manual_seed(int(seed) % 2**64)
+        sample = (w0 * (torch.rand(theta.shape, generator=gen) < theta)).numpy()
+        return dict(params) | self._spec.unflatten(sample, masked)
+
+    # -- client side -------------------------------------------------------------------------------
+    def parametrization(self, ctx: CodecContext, global_params: Update) -> Parametrization:
+        masked, _ = split_specs(ctx.spec)
+        return BernoulliMaskTraining(masked, self.frozen(ctx.spec), global_params, ctx.rng)
+
+    def encode_body(self, update: Mapping[str, torch.Tensor], ctx: CodecContext) -> bytes:
+        if ctx.reference is None:
+            raise ConfigError("fedpm encodes against the model the client trained from: CodecContext.reference "
+                              "is missing")
+        masked, dense = split_specs(ctx.spec)
+        w0 = self._w0_flat(ctx.spec)
+        ref = self._reference(ctx, masked)
+        theta = torch.from_numpy((ref + ctx.spec.flatten(update, masked)) / w0).clamp(0, 1)
+        bits = (torch.rand(theta.shape, generator=ctx.rng) < theta).numpy()
+        contexts, k = (theta_contexts(ref, w0), CONTEXTS) if self.entropy else (None, 1)
+        w = self.writer().symbols(bits, 2, contexts, k)
+        return w.raw(ctx.spec.flatten(update, dense).astype("<f4", copy=False)).getvalue()
+
+    def decode_body(self, reader: BodyReader, ctx: CodecContext) -> Update:
+        if ctx.reference is None:
+            raise PayloadError("reference", "fedpm decodes a mask relative to the model the client trained from, "
+                                            "but the decoder was given no CodecContext.reference")
+        masked, dense = split_specs(ctx.spec)
+        n, n_dense = sum(t.numel for t in masked), sum(t.numel for t in dense)
+        if not self.entropy:
+            expected = (n + 7) // 8 + 4 * n_dense
+            if reader.remaining != expected:
+                raise PayloadError("size", f"body carries {reader.remaining} bytes; the model needs {expected}")
+        w0 = self._w0_flat(ctx.spec)
+        ref = self._reference(ctx, masked)
+        contexts, k = (theta_contexts(ref, w0), CONTEXTS) if self.entropy else (None, 1)
+        bits = reader.symbols(n, 2, "mask bits", contexts, k)
+        values = np.where(bits.astype(bool), w0, np.float32(0)) - ref
+        out = ctx.spec.unflatten(values.astype(np.float32, copy=False), masked)
+        out.update(ctx.spec.unflatten(reader.array("<f4", n_dense, "dense values"), dense))
+        return out

@@ -1,0 +1,119 @@
+"""Unbiased stochastic uniform quantization with a per-tensor max-norm scale (``qsgd``).
+
+This is the FedPAQ-style quantizer (Reisizadeh et al., 2020; the uniform grid of QSGD's analysis):
+each conv/linear kernel ("weight" role) is scaled by its own ``M = max |Δ|`` and every element is
+rounded at random to one of the two neighbouring points of the grid of ``s + 1`` equally spaced
+values over ``[-M, M]``, with the probabilities that make the result unbiased
+(``E[decode] = Δ``; the error of one element is below ``2M / s``). ``s = levels`` (1..255); ``s = 1``
+is 1-bit stochastic binarization to ``±M``. It is *not* QSGD's sign + magnitude variant with an L2
+norm scale (Alistarh et al., 2017): here the sign is part of the level index and the scale is the
+max norm, so the largest element is always exact.
+
+Biases, BatchNorm parameters and running statistics travel as float32. The uplink body is::
+
+    levels u8 | M f32 per compressed tensor (spec order) | grid indices (1 symbol section,
+    alphabet levels + 1, n symbols) | float32 dense values
+
+Index ``q`` of a tensor with scale ``M`` decodes to the float32 value ``M * g[q]`` with
+``g[q] = float32(2q - s) / float32(s)`` (one correctly rounded division), which is
+``-M + 2M·q/s`` with the endpoints ``±M`` (and ``0`` for ``q = s/2``) exact and no overflow even
+for ``M`` near the float32 maximum. ``M = 0`` decodes to zeros (the encoder sends ``q = s // 2``).
+In fixed-width mode the indices take ``ceil(n · ceil(log2(s + 1)) / 8)`` bytes; ``entropy=true``
+range codes them, which pays off because most updates put most of their mass near 0.
+
+The decoder reads ``levels`` from the body (payloads are self-describing, like FedMRN's) and rejects
+levels outside 1..255 and scales that are negative or not finite. An update holding NaN or Inf
+still encodes (its scale is not finite) and the server rejects it, as it would a float32 one.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import numpy as np
+import torch
+
+from ..errors import ConfigError, PayloadError
+from .base import Codec, CodecContext, Update, register, split_specs
+from .signsgd import read_scales
+from .symbols import fixed_size
+from .wire import BodyReader
+
+MAX_LEVELS = 255
+
+
+def grid(levels: int) -> np.ndarray:
+    """The ``levels + 1`` grid points over [-1, 1] as float32 (``g[q] = (2q - s) / s``)."""
+    s = np.float32(levels)
+    return (np.arange(levels + 1, dtype=np.float32) * np.float32(2) - s) / s
+
+
+def quantize(x: np.ndarray, m: np.float32, levels: int, u: np.ndarray) -> np.ndarray:
+    """Grid indices (uint8) of ``x`` for scale ``m = max |x|``, rounding up where ``u < frac``."""
+    if not (np.isfinite(m) and m > 0):
+        return np.full(x.shape, levels // 2, np.uint8)
+    # |x| <= m, so x / m is in [-1, 1] (a correctly rounded division cannot leave it), and t in
+    # [0, levels] with t = levels exactly at x = m and 0 at x = -m: no clipping needed
+    t = x / m
+    t += np.float32(1)
+    t *= np.float32(levels / 2)  # exact: levels / 2 is a multiple of 0.5
+    lo = np.floor(t)
+    t -= lo  # the fractional part: P(round up)
+    q = lo.astype(np.uint8)
+    q += u < t
+    return q
+
+
+@register("qsgd", "unbiased stochastic uniform quantization, max-norm scale per tensor (FedPAQ-style)", levels=4)
+class QSGDCodec(Codec):
+    codec_id = "qsgd"
+    symbolic = True
+
+    def __init__(self, levels: int):
+        if isinstance(levels, bool) or not isinstance(levels, (int, np.integer)) or not 1 <= levels <= MAX_LEVELS:
+            raise ConfigError(f"levels must be an integer in 1..{MAX_LEVELS}, got {levels!r}")
+        self.levels = int(levels)
+
+    def encode_body(self, update: Mapping[str, torch.Tensor], ctx: CodecContext) -> bytes:
+        if ctx.rng is None:
+            raise ConfigError("qsgd rounds at random and needs the client's generator (CodecContext.rng)")
+        compressed, dense = split_specs(ctx.spec)
+        flat = ctx.spec.flatten(update, compressed)
+        u = torch.rand(flat.size, generator=ctx.rng, dtype=torch.float32).numpy()
+        maxima = np.zeros(len(compressed), np.float32)
+        q = np.empty(flat.size, np.uint8)
+        pos = 0
+        for i, t in enumerate(compressed):
+            end = pos + t.numel
+            seg = flat[pos:end]
+            maxima[i] = np.abs(seg).max() if seg.size else 0.0
+            q[pos:end] = quantize(seg, maxima[i], self.levels, u[pos:end])
+            pos = end
+        w = self.writer().u8(self.levels).raw(maxima.astype("<f4", copy=False))
+        w.symbols(q, self.levels + 1)
+        return w.raw(ctx.spec.flatten(update, dense).astype("<f4", copy=False)).getvalue()
+
+    def decode_body(self, reader: BodyReader, ctx: CodecContext) -> Update:
+        compressed, dense = split_specs(ctx.spec)
+        n = sum(t.numel for t in compressed)
+        n_dense = sum(t.numel for t in dense)
+        levels = reader.u8("levels")
+        if not 1 <= levels <= MAX_LEVELS:
+            raise PayloadError("field", f"levels {levels} outside 1..{MAX_LEVELS}")
+        maxima = read_scales(reader, len(compressed), "tensor maxima")
+        if not self.entropy:
+            expected = fixed_size(n, levels + 1) + 4 * n_dense
+            if reader.remaining != expected:
+                raise PayloadError("size", f"body carries {reader.remaining} bytes after the scales; the model "
+                                           f"needs {expected}")
+        q = reader.symbols(n, levels + 1, "grid indices")
+        points = grid(levels)
+        values = np.empty(n, np.float32)
+        pos = 0
+        for i, t in enumerate(compressed):
+            end = pos + t.numel
+            np.multiply(points[q[pos:end]], maxima[i], out=values[pos:end])
+            pos = end
+        out = ctx.spec.unflatten(values, compressed)
+        out.update(ctx.spec.unflatten(reader.array("<f4", n_dense, "dense values"), dense))
+        return out

@@ -1,0 +1,172 @@
+"""Composable stages (error feedback, entropy coding), the downlink, and per-client state."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from fedcodec.codecs import Codec, build_codec, wire
+from fedcodec.codecs.stages import RESIDUAL, ErrorFeedback
+from fedcodec.config import Config
+from fedcodec.data import make_synthetic_images
+from fedcodec.errors import ConfigError
+from fedcodec.fl import checkpoint
+from fedcodec.fl.simulation import run_round, setup
+from helpers import ctx, random_update, tiny_spec
+
+SOURCE = make_synthetic_images(400, 200, seed=0)
+
+
+class Rounding(Codec):
+    """A lossy test codec: every value rounded to a multiple of 0.01, sent as float32."""
+
+    codec_id = "round"
+
+    def encode_body(self, update, c):
+        return (torch.round(torch.from_numpy(c.spec.flatten(update, list(c.spec.tensors))) * 100) / 100).numpy() \
+            .astype("<f4").tobytes()
+
+    def decode_body(self, reader, c):
+        return c.spec.unflatten(reader.array("<f4", c.spec.numel(), "values"), list(c.spec.tensors))
+
+
+def test_error_feedback_identity_sent_plus_memory_equals_input():
+    """EF's defining property: what the server received over all rounds plus the memory equals the
+    sum of the true updates, exactly up to float rounding."""
+    spec = tiny_spec()
+    ef, state = ErrorFeedback(Rounding()), {}
+    sent = {t.name: torch.zeros(t.shape) for t in spec.tensors}
+    true = {t.name: torch.zeros(t.shape) for t in spec.tensors}
+    for r in range(5):
+        upd = random_update(spec, seed=r, scale=0.004)  # most values round to 0 on their own
+        c = ctx(spec)
+        c.state = state
+        got = ef.decode(ef.encode(upd, c), c)
+        for n in true:
+            true[n] += upd[n]
+            sent[n] += got[n]
+    for n in true:
+        mem = state.get(RESIDUAL + n, torch.zeros_like(true[n]))
+        assert torch.allclose(sent[n] + mem, true[n], atol=1e-6)
+    # without EF the error of every round stays lost: the received sum is further from the truth
+    plain = Rounding()
+    err_plain = err_ef = 0.0
+    for n in true:
+        got = sum(plain.decode(plain.encode(random_update(spec, seed=r, scale=0.004), ctx(spec)), ctx(spec))[n]
+                  for r in range(5))
+        err_plain += float((got - true[n]).abs().sum())
+        err_ef += float((sent[n] - true[n]).abs().sum())
+    assert err_ef < 0.5 * err_plain
+
+
+def test_error_feedback_needs_a_state_store_and_a_lossy_codec():
+    spec = tiny_spec()
+    with pytest.raises(ConfigError, match="state store"):
+        ErrorFeedback(Rounding()).encode(random_update(spec), ctx(spec))
+    with pytest.raises(ConfigError, match="lossless"):
+        build_codec("fp32", ef=True)
+    with pytest.raises(ConfigError, match="no symbols"):
+        build_codec("fp32", entropy=True)
+
+
+def test_error_feedback_keeps_the_wire_format_of_its_codec():
+    spec = tiny_spec()
+    plain, ef = build_codec("fedmrn"), build_codec("fedmrn", ef=True)
+    c1, c2 = ctx(spec), ctx(spec)
+    c2.state = {}
+    assert plain.encode(random_update(spec), c1) == ef.encode(random_update(spec), c2)  # empty memory
+
+
+def test_entropy_stage_changes_the_wire_id_and_is_refused_by_the_plain_decoder():
+    spec = tiny_spec()
+    ec = build_codec("fedmrn", entropy=True)
+    payload = ec.encode(random_update(spec), ctx(spec))
+    assert ec.codec_id == "fedmrn+ec"
+    assert torch.equal(ec.decode(payload, ctx(spec))["conv.weight"],
+                       build_codec("fedmrn").decode(build_codec("fedmrn").encode(random_update(spec), ctx(spec)),
+                                                    ctx(spec))["conv.weight"])
+    with pytest.raises(Exception) as err:
+        build_codec("fedmrn").decode(payload, ctx(spec))
+    assert getattr(err.value, "reason", None) == "codec"
+
+
+def small(**kw) -> Config:
+    base = dict(method="fedmrn-binary", num_clients=6, clients_per_round=3, rounds=3, local_epochs=1,
+                batch_size=16, seed=5, threads=1)
+    return Config(**{**base, **kw}).validate()
+
+
+def run(cfg: Config, state=None, sim=None, rounds=None):
+    if sim is None:
+        sim, state = setup(cfg, SOURCE)
+    for _ in range(rounds or cfg.rounds):
+        state = run_round(sim, state)
+    return sim, state
+
+
+def test_fp16_downlink_halves_the_broadcast_and_clients_train_from_the_rounded_model():
+    sim32, s32 = run(small())
+    sim16, s16 = run(small(downlink="fp16"))
+    n = sim16.spec.numel()
+    for e in s16.ledger.entries:
+        if e.direction == "down":
+            assert e.nbytes == wire.envelope_overhead("fp16") + 2 * n
+            assert e.codec == "fp16"
+    assert s16.ledger.total("down") < 0.51 * s32.ledger.total("down")
+    assert any(not torch.equal(s16.global_params[k], s32.global_params[k]) for k in s16.global_params)
+
+
+def test_a_lossy_model_downlink_needs_delta_mode():
+    with pytest.raises(ConfigError, match="downlink_delta"):
+        small(downlink="fedmrn")
+
+
+def test_delta_downlink_client_copies_equal_the_server_replicas_bit_for_bit():
+    sim, state = run(small(downlink="fedmrn", downlink_options={"alpha": 0.001}, downlink_delta=True, rounds=4))
+    seen = [c for c in state.client_states if any(k.startswith("down/") for k in state.client_states[c])]
+    assert len(seen) >= 3
+    for c in seen:
+        client = {k: v for k, v in state.client_states[c].items() if k.startswith("down/")}
+        server = state.server_states[c]
+        assert set(client) == set(server) == {f"down/{t.name}" for t in sim.spec.tensors}
+        assert all(torch.equal(client[k], server[k]) for k in client)
+    # the broadcast costs what the delta codec's payload costs, not a float32 model
+    fp32_model = wire.envelope_overhead("fp32") + 4 * sim.spec.numel()
+    assert all(e.nbytes < fp32_model / 10 for e in state.ledger.entries if e.direction == "down")
+
+
+def test_resume_with_client_memory_and_downlink_replicas_is_bit_identical(tmp_path):
+    cfg = small(codec_options={"ef": True}, downlink="fedmrn", downlink_options={"alpha": 0.001},
+                downlink_delta=True, rounds=3)
+    _, straight = run(cfg)
+    sim, state = run(cfg, rounds=2)
+    assert any(k.startswith(RESIDUAL) for s in state.client_states.values() for k in s)
+    checkpoint.save(tmp_path / "ck.safetensors", cfg.to_dict(), state)
+    restored = checkpoint.load(tmp_path / "ck.safetensors", cfg.to_dict())
+    assert restored.client_states.keys() == state.client_states.keys()
+    sim2, _ = setup(cfg, SOURCE)
+    _, resumed = run(cfg, restored, sim2, rounds=1)
+    assert all(torch.equal(straight.global_params[k], resumed.global_params[k]) for k in straight.global_params)
+    for c, store in straight.client_states.items():
+        assert all(torch.equal(v, resumed.client_states[c][k]) for k, v in store.items())
+
+
+def test_checkpoint_from_an_older_version_without_new_keys_still_resumes(tmp_path):
+    cfg = small(rounds=1)
+    _, state = run(cfg)
+    old = {k: v for k, v in cfg.to_dict().items() if k not in ("downlink_options", "downlink_delta")}
+    checkpoint.save(tmp_path / "ck.safetensors", old, state)
+    assert checkpoint.load(tmp_path / "ck.safetensors", cfg.to_dict()).round == 1
+    changed = small(rounds=1, downlink_delta=True, downlink="fp16").to_dict()
+    with pytest.raises(ConfigError, match="downlink"):
+        checkpoint.load(tmp_path / "ck.safetensors", changed)
+
+
+def test_ef_run_ledger_matches_payload_formula():
+    sim, state = run(small(codec_options={"ef": True}, rounds=2))
+    spec = sim.spec
+    expected = (wire.envelope_overhead("fedmrn") + 14 + math.ceil(spec.numel(("weight",)) / 8)
+                + 4 * spec.numel(("param", "buffer")))
+    assert {e.nbytes for e in state.ledger.entries if e.direction == "up"} == {expected}
