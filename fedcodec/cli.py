@@ -195,9 +195,12 @@ def _cmd_codecs(args) -> int:
     for name, info in sorted(available_codecs().items()):
         opts = ", ".join(f"{k}={v}" for k, v in info.options.items())
         print(f"  {name:12s} {info.summary}" + (f"  [{opts}]" if opts else ""))
+    symbolic = sorted(n for n, i in available_codecs().items() if i.factory.symbolic)
+    print("stages (any codec): ef=true (error feedback, lossy codecs); entropy=true (range coding; "
+          f"codecs that write symbols: {', '.join(symbolic)})")
     print("methods (for --method):")
     for name, m in METHODS.items():
-        print(f"  {name:14s} {m.summary}; codec {m.codec}, lr {m.lr}")
+        print(f"  {name:17s} {m.summary}; codec {m.codec}, lr {m.lr}")
     return 0
 
 

@@ -34,6 +34,7 @@ FLOWER_KEYS: dict[str, Any] = {
 #: (``flwr run --run-config`` can only override keys the app's pyproject declares, so the codec
 #: options travel as one string key rather than one key per option)
 CODEC_OPTIONS_KEY = "codec-options"
+DOWNLINK_OPTIONS_KEY = "downlink-options"
 
 
 @dataclass(frozen=True)
@@ -56,6 +57,9 @@ def parse_run_config(run_config: Mapping[str, Any]) -> tuple[Config, FlowerSetti
             codec[key[len("codec."):]] = value
         elif key == CODEC_OPTIONS_KEY:
             codec.update(parse_assignments([f"codec.{item}" for item in str(value).split()])[1])
+        elif key == DOWNLINK_OPTIONS_KEY:
+            overrides["downlink_options"] = parse_assignments([f"downlink.{item}" for item in
+                                                               str(value).split()])[0].get("downlink_options", {})
         else:
             overrides[key.replace("-", "_")] = None if value == "" else value
     overrides = {k: v for k, v in overrides.items() if v is not None}
