@@ -56,7 +56,8 @@ def test_payload_length_formula(spec):
     pm = build_codec("fedpm")
     bat = build_codec("fedbat")
     c = ctx(spec, reference=fedpm_global(pm, spec))
-    assert len(pm.encode(random_update(spec), c)) == wire.envelope_overhead("fedpm") + math.ceil(n / 8) + 4 * n_dense(spec)
+    assert len(pm.encode(random_update(spec), c)) == \
+        wire.envelope_overhead("fedpm") + math.ceil(n / 8) + 4 * n_dense(spec)
     assert len(bat.encode(random_update(spec), ctx(spec))) == \
         wire.envelope_overhead("fedbat") + 4 * k + math.ceil(n / 8) + 4 * n_dense(spec)
     if spec == tiny_spec():
@@ -96,7 +97,8 @@ def test_fedpm_init_global_and_eval_params_are_deterministic():
     theta = {n: torch.rand(w.shape, generator=torch.Generator().manual_seed(1)) for n, w in w0.items()}
     theta["conv.weight"].view(-1)[:3] = torch.tensor([0.0, 1.0, 1.0])
     model = g | {n: w0[n] * theta[n] for n in w0}
-    e1, e2, e3 = codec.eval_params(model, 5), codec.eval_params(model, 5), codec.eval_params(model, 6)
+    e1, e2, e3 = (codec.eval_params(model, spec, 5), codec.eval_params(model, spec, 5),
+                  codec.eval_params(model, spec, 6))
     assert all(torch.equal(e1[n], e2[n]) for n in e1)
     assert not all(torch.equal(e1[n], e3[n]) for n in w0)
     for n, w in w0.items():
@@ -104,14 +106,11 @@ def test_fedpm_init_global_and_eval_params_are_deterministic():
     assert e1["conv.weight"].view(-1)[0] == 0 and torch.equal(e1["conv.weight"].view(-1)[1:3],
                                                               w0["conv.weight"].view(-1)[1:3])
     assert all(torch.equal(e1[t.name], model[t.name]) for t in spec.tensors if t.role != "weight")
-    # a fresh codec (another process) evaluates the same network once it has seen the spec
+    # a fresh codec (another process) evaluates the same network
     fresh = build_codec("fedpm")
-    with pytest.raises(ConfigError):
-        fresh.eval_params(model, 5)
-    fresh.init_global(params, spec)
-    assert all(torch.equal(e1[n], fresh.eval_params(model, 5)[n]) for n in e1)
+    assert all(torch.equal(e1[n], fresh.eval_params(model, spec, 5)[n]) for n in e1)
     # the sample follows theta: over many seeds, the mean of the evaluated mask approaches theta
-    masks = torch.stack([codec.eval_params(model, s)["fc.weight"] / w0["fc.weight"] for s in range(400)])
+    masks = torch.stack([codec.eval_params(model, spec, s)["fc.weight"] / w0["fc.weight"] for s in range(400)])
     assert float((masks.mean(0) - theta["fc.weight"]).abs().max()) < 4 * 0.5 / math.sqrt(400)
 
 
@@ -473,6 +472,16 @@ def test_fedpm_entropy_contexts_follow_the_reference():
     assert coded.decode(b, ctx(spec, reference=ref))["w"].shape == (4000, 2)
     # h(0.03) = 0.19 bits: with one context for both halves the mixture would cost a full bit
     assert len(b) < 0.35 * len(a), (len(a), len(b))
+
+
+def test_fedpm_entropy_body_longer_than_any_valid_one_is_rejected_up_front():
+    spec = tiny_spec()
+    codec = build_codec("fedpm", entropy=True)
+    c = ctx(spec)
+    b = body(codec, spec, codec.encode(random_update(spec), c))
+    with pytest.raises(PayloadError) as info:
+        codec.decode(rewrap(codec, spec, bytes(b) + bytes(4 * (N_MASKED + 16))), c)
+    assert info.value.reason == "size" and "at most" in str(info.value)
 
 
 def test_bad_options_are_config_errors():

@@ -121,14 +121,22 @@ def no_hang(seconds: float):
         signal.signal(signal.SIGALRM, old)
 
 
-def check_decode(c: Case, payload: bytes, client: int = 5, hang_s: float = 20.0) -> dict | None:
+@functools.cache
+def zero_model(spec: ModelSpec) -> dict[str, torch.Tensor]:
+    return {t.name: torch.zeros(t.shape) for t in spec.tensors}
+
+
+def check_decode(c: Case, payload: bytes, client: int = 5, hang_s: float = 20.0,
+                 reference: dict[str, torch.Tensor] | None = None) -> dict | None:
     """Decode ``payload``: return the update if it is well formed, None if it was rejected properly.
 
-    Any other exception propagates and fails the test.
+    ``reference`` (the model the update is relative to; FedPM needs one) defaults to the zero model,
+    as in ``helpers.ctx``. Any other exception propagates and fails the test.
     """
+    ref = zero_model(c.spec) if reference is None else reference
     with no_hang(hang_s):
         try:
-            out = c.codec.decode(payload, CodecContext(c.spec, client=client, round=1))
+            out = c.codec.decode(payload, CodecContext(c.spec, client=client, round=1, reference=ref))
         except PayloadError as err:
             assert err.client == client, err
             assert f"client {client}" in str(err)
@@ -431,7 +439,7 @@ def test_server_round_never_poisons_the_global_model(name, data, min_clients):
     assert not set(outcome.accepted) & set(outcome.rejected)
     expected = []
     for client, (payload, weight) in sorted(payloads.items()):
-        upd = check_decode(c, payload, client)
+        upd = check_decode(c, payload, client, reference=global_params)
         if upd is None:
             assert client in outcome.rejected and f"client {client}" in outcome.rejected[client]
         else:
@@ -441,6 +449,6 @@ def test_server_round_never_poisons_the_global_model(name, data, min_clients):
         assert new[t.name].dtype == torch.float32 and tuple(new[t.name].shape) == t.shape
         assert bool(torch.isfinite(new[t.name]).all()), t.name
     # rejected payloads leave no trace: the model is what the accepted ones alone make
-    want = aggregate(c.spec, global_params, expected) if len(expected) >= min_clients else global_params
+    want = aggregate(c.spec, global_params, expected, c.codec) if len(expected) >= min_clients else global_params
     for t in c.spec.tensors:
         assert torch.equal(new[t.name], want[t.name]), t.name

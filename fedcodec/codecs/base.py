@@ -113,6 +113,8 @@ class Parametrization:
     """
 
     names: tuple[str, ...] = ()
+    #: the latent tensors' learning rate is the client's lr times this; they get no weight decay
+    lr_scale: float = 1.0
 
     def init(self) -> Update:
         raise NotImplementedError
@@ -161,7 +163,7 @@ class Codec:
         triples sorted by client id. Default: the weight-normalised mean."""
         return weighted_mean(spec, updates)
 
-    def eval_params(self, params: Update, seed: int) -> Update:
+    def eval_params(self, params: Update, spec: ModelSpec, seed: int) -> Update:
         """The weights to evaluate for global model ``params`` (FedPM samples a mask from them)."""
         return params
 

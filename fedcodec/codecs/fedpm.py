@@ -31,7 +31,8 @@ i.e. ``ceil(n / 8) + 4 * n_dense`` bytes in fixed mode. With ``entropy=true`` th
 coded with one model per bucket of the reference's ``theta = clamp(reference / w0, 0, 1)``
 (:data:`CONTEXTS` equal buckets of [0, 1]): both ends hold the reference before the bits, and a bit is
 1 with a probability close to it. This needs the reference to be bit-identical at both ends, which
-the engine guarantees (the server decodes against what the downlink delivered).
+the engine guarantees (the server decodes against what the downlink delivered). An entropy-coded
+body longer than any valid one (:func:`max_entropy_body`) is rejected before the contexts are built.
 
 Decoding: ``update = w0 * m - reference`` for masked tensors, so ``reference + update`` is the sampled
 network ``w0 * m`` (up to one float32 rounding). A decode without ``ctx.reference`` is rejected
@@ -84,17 +85,31 @@ def frozen_weights(seed: int, specs: list[TensorSpec]) -> np.ndarray:
 
 
 def theta_contexts(reference: np.ndarray, w0: np.ndarray) -> np.ndarray:
-    """Entropy-coding context of each mask bit: the bucket of ``clamp(reference / w0, 0, 1)``."""
-    theta = np.nan_to_num(np.clip(reference / w0, np.float32(0), np.float32(1)), nan=0.5)
-    return np.minimum((theta * np.float32(CONTEXTS)).astype(np.int64), CONTEXTS - 1)
+    """Entropy-coding context of each mask bit: the bucket of ``clamp(reference / w0, 0, 1)`` (uint8;
+    float32 operations in place, so both ends get the same buckets with one float array of scratch)."""
+    theta = reference / w0
+    np.clip(theta, np.float32(0), np.float32(1), out=theta)
+    np.nan_to_num(theta, copy=False, nan=0.5)
+    theta *= np.float32(CONTEXTS)
+    out = theta.astype(np.uint8)
+    np.minimum(out, np.uint8(CONTEXTS - 1), out=out)
+    return out
+
+
+def max_entropy_body(n: int, n_dense: int) -> int:
+    """An upper bound on an entropy-coded body: count tables, word count, at most 32 bits per mask bit
+    (the range coder's probabilities have at most 32-bit precision) plus a few words of flush, and the
+    dense values. Longer bodies are rejected before anything model-sized is computed."""
+    return 8 * CONTEXTS + 4 + 4 * (n + 8) + 4 * n_dense
 
 
 class BernoulliMaskTraining(Parametrization):
     """Learn mask scores over frozen weights ``w0``; see the module docstring."""
 
     def __init__(self, specs: list[TensorSpec], w0: dict[str, torch.Tensor], global_params: Update,
-                 gen: torch.Generator | None):
+                 gen: torch.Generator | None, lr_scale: float = 1.0):
         self.names = tuple(t.name for t in specs)
+        self.lr_scale = lr_scale
         self.w0, self.gen = w0, gen
         self.base = {n: global_params[n].detach().float() for n in self.names}
 
@@ -129,19 +144,23 @@ def _seed(value) -> int:
     return seed
 
 
-@register("fedpm", "Bernoulli masks over frozen random weights, Bayesian aggregation (FedPM)", weight_seed=0)
+@register("fedpm", "Bernoulli masks over frozen random weights, Bayesian aggregation (FedPM)", weight_seed=0,
+          score_lr_scale=1.0)
 class FedPMCodec(Codec):
     codec_id = "fedpm"
     symbolic = True
 
-    def __init__(self, weight_seed: int):
+    def __init__(self, weight_seed: int, score_lr_scale: float):
         self.weight_seed = _seed(weight_seed)
+        if not (isinstance(score_lr_scale, (int, float)) and score_lr_scale > 0):
+            raise ConfigError(f"score_lr_scale must be a positive number, got {score_lr_scale!r}")
+        # the mask scores' gradient is the weight gradient times w0 * sigmoid'(s) (about 0.01-0.1 here),
+        # so with the client's SGD lr they barely move; this multiplies their learning rate only
+        self.score_lr_scale = float(score_lr_scale)
         self._cache: dict[bytes, np.ndarray] = {}
-        self._spec: ModelSpec | None = None  # the last spec seen; eval_params is not given one
 
     # -- frozen weights ----------------------------------------------------------------------------
     def _w0_flat(self, spec: ModelSpec) -> np.ndarray:
-        self._spec = spec
         fp = spec.fingerprint
         if fp not in self._cache:
             w0 = frozen_weights(self.weight_seed, split_specs(spec)[0])
@@ -167,7 +186,7 @@ class FedPMCodec(Codec):
 
     def aggregate(self, spec: ModelSpec, global_params: Update,
                   updates: list[tuple[int, float, Update]]) -> dict[str, torch.Tensor]:
-        masked, dense = split_specs(spec)
+        dense = split_specs(spec)[1]
         step = weighted_mean(ModelSpec(tuple(dense)), updates)
         k = len(updates)
         for name, w0 in self.frozen(spec).items():
@@ -179,20 +198,18 @@ class FedPMCodec(Codec):
             step[name] = w0 * ((1.0 + count) / (2.0 + k)) - g
         return step
 
-    def eval_params(self, params: Update, seed: int) -> Update:
-        if self._spec is None:
-            raise ConfigError("fedpm.eval_params needs the model spec: call init_global (or any other hook) first")
-        masked = split_specs(self._spec)[0]
-        w0 = torch.from_numpy(self._w0_flat(self._spec).copy())
-        theta = (torch.from_numpy(self._spec.flatten(params, masked)) / w0).clamp(0, 1)
-        gen = torch.Generator().manual_seed(int(seed) % 2**64)
+    def eval_params(self, params: Update, spec: ModelSpec, seed: int) -> Update:
+        masked = split_specs(spec)[0]
+        w0 = torch.from_numpy(self._w0_flat(spec).copy())
+        theta = (torch.from_numpy(spec.flatten(params, masked)) / w0).clamp(0, 1)
+        gen = torch.Generator().manual_seed(int(seed) % 2**63)
         sample = (w0 * (torch.rand(theta.shape, generator=gen) < theta)).numpy()
-        return dict(params) | self._spec.unflatten(sample, masked)
+        return dict(params) | spec.unflatten(sample, masked)
 
     # -- client side -------------------------------------------------------------------------------
     def parametrization(self, ctx: CodecContext, global_params: Update) -> Parametrization:
         masked, _ = split_specs(ctx.spec)
-        return BernoulliMaskTraining(masked, self.frozen(ctx.spec), global_params, ctx.rng)
+        return BernoulliMaskTraining(masked, self.frozen(ctx.spec), global_params, ctx.rng, self.score_lr_scale)
 
     def encode_body(self, update: Mapping[str, torch.Tensor], ctx: CodecContext) -> bytes:
         if ctx.reference is None:
@@ -217,6 +234,9 @@ class FedPMCodec(Codec):
             expected = (n + 7) // 8 + 4 * n_dense
             if reader.remaining != expected:
                 raise PayloadError("size", f"body carries {reader.remaining} bytes; the model needs {expected}")
+        elif reader.remaining > max_entropy_body(n, n_dense):
+            raise PayloadError("size", f"body carries {reader.remaining} bytes; an entropy-coded mask for this "
+                                       f"model takes at most {max_entropy_body(n, n_dense)}")
         w0 = self._w0_flat(ctx.spec)
         ref = self._reference(ctx, masked)
         contexts, k = (theta_contexts(ref, w0), CONTEXTS) if self.entropy else (None, 1)

@@ -44,8 +44,8 @@ class ErrorFeedback(Codec):
     def aggregate(self, spec, global_params, updates):
         return self.inner.aggregate(spec, global_params, updates)
 
-    def eval_params(self, params: Update, seed: int) -> Update:
-        return self.inner.eval_params(params, seed)
+    def eval_params(self, params: Update, spec: ModelSpec, seed: int) -> Update:
+        return self.inner.eval_params(params, spec, seed)
 
     def encode(self, update: Mapping[str, torch.Tensor], ctx: CodecContext) -> bytes:
         if ctx.state is None:

@@ -142,8 +142,12 @@ def read_symbols(reader, count: int, alphabet: int, entropy: bool, what: str,
         if out.size and out.max() >= alphabet:
             raise PayloadError("field", f"{what}: symbol {int(out.max())} outside the alphabet of {alphabet}")
         return out
-    groups = _groups(count, contexts, num_contexts)
-    sizes = [count] if groups is None else [len(g) for g in groups]
+    if contexts is None or num_contexts == 1:
+        sizes = [count]
+    else:  # the group sizes from the contexts, before the (allocating) sort below
+        if len(contexts) != count:
+            raise ValueError(f"{len(contexts)} contexts for {count} symbols")
+        sizes = [int(v) for v in np.bincount(contexts, minlength=num_contexts)[:num_contexts]]
     tables = []
     for c, size in enumerate(sizes):
         counts = reader.array("<u4", alphabet, f"{what}: symbol counts").astype(np.int64)
@@ -155,6 +159,7 @@ def read_symbols(reader, count: int, alphabet: int, entropy: bool, what: str,
     if 4 * nwords > reader.remaining:
         raise PayloadError("truncated", f"{what}: {nwords} coder words declared, {reader.remaining} bytes remain")
     words = reader.array("<u4", nwords, f"{what}: coder words").astype(np.uint32)
+    groups = _groups(count, contexts, num_contexts)
     out = np.zeros(count, np.int64)
     if alphabet == 1 or count == 0:
         return out

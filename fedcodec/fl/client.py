@@ -75,8 +75,11 @@ def local_train(rt: ClientRuntime, global_params: Update, x: torch.Tensor, y: to
     model.train()
     latent = param.init() if param is not None else {}
     frozen = set(latent)
-    trainable = [p for n, p in model.named_parameters() if n not in frozen] + list(latent.values())
-    opt = torch.optim.SGD(trainable, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    groups = [{"params": [p for n, p in model.named_parameters() if n not in frozen]}]
+    if latent:  # a parametrization's latents: their own lr scale, no weight decay (it would pull
+        # FedBAT's log step sizes and FedPM's scores toward arbitrary values)
+        groups.append({"params": list(latent.values()), "lr": cfg.lr * param.lr_scale, "weight_decay": 0.0})
+    opt = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     total = cfg.epochs * steps_per_epoch(len(x), cfg.batch_size)
     step, last_loss = 0, math.nan
     for _ in range(cfg.epochs):

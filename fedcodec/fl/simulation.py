@@ -77,7 +77,7 @@ def setup(cfg: Config, source: FederatedSource) -> tuple[Simulation, RunState]:
 def evaluate(sim: Simulation, params: Update, batch_size: int = 1000) -> tuple[float, float]:
     """Test accuracy and mean cross-entropy of ``params`` (as the uplink codec says to evaluate them)."""
     rt = sim.runtime
-    rt.load(rt.uplink.eval_params(params, rngs.derive_seed(sim.cfg.seed, rngs.EVAL)))
+    rt.load(rt.uplink.eval_params(params, sim.spec, rngs.derive_seed(sim.cfg.seed, rngs.EVAL)))
     rt.model.eval()
     x, y = sim.source.test_x, sim.source.test_y
     correct, loss = 0, 0.0
