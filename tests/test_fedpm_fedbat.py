@@ -181,6 +181,10 @@ def test_fedpm_aggregate_is_the_beta_posterior_mean():
                            ctx(spec, reference=ref))
         decoded.append((k, weights[k], upd))
     assert torch.allclose(aggregate(spec, glob, decoded, codec)["w"], expected, rtol=0, atol=1e-7)
+    # with a prior of strength 4 centred on the current theta: (1 + 4 theta + sum m) / (2 + 4 + 3)
+    carried = build_codec("fedpm", prior_strength=4.0)
+    new, _ = server_round(carried, spec, glob, 1, payloads)
+    assert torch.allclose(new["w"] / w0, (1 + 4 * theta + sum(masks)) / 9, rtol=0, atol=1e-6)
 
 
 def test_fedpm_parametrization_samples_masks_and_passes_gradients_through_sigmoid():

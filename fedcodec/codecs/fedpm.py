@@ -40,7 +40,12 @@ network ``w0 * m`` (up to one float32 rounding). A decode without ``ctx.referenc
 
 Aggregation (:meth:`FedPMCodec.aggregate`): Bayesian, with a uniform ``Beta(1, 1)`` prior reset every
 round: ``theta_new = (1 + sum_k m_k) / (2 + K)`` over the ``K`` accepted clients, unweighted (every
-client's mask counts once, as in the paper), and the step is ``w0 * theta_new - global``. The masks
+client's mask counts once, as in the paper), and the step is ``w0 * theta_new - global``. With
+``prior_strength = L > 0`` the prior is instead ``Beta(1 + L theta, 1 + L (1 - theta))`` centred on
+the current global ``theta`` (``L`` pseudo-masks carried over from the previous rounds), so
+``theta_new = (1 + L theta + sum_k m_k) / (2 + L + K)``: with few clients per round, the reset
+posterior re-estimates every probability from K samples (noise ``sqrt(theta (1-theta) / K)``, about
+0.16 for K = 10), which can swamp what one round of local training moves; carrying the prior damps it. The masks
 are recovered as ``m_k = round((u_k + global) / w0)``, i.e. assuming every client's reference is the
 current global model. Under the default float32 downlink that is exact; under a lossy downlink the
 reference differs from the global model by the downlink's error, far below ``|w0| / 2``, and the
@@ -145,13 +150,16 @@ def _seed(value) -> int:
 
 
 @register("fedpm", "Bernoulli masks over frozen random weights, Bayesian aggregation (FedPM)", weight_seed=0,
-          score_lr_scale=1.0)
+          score_lr_scale=1.0, prior_strength=0.0)
 class FedPMCodec(Codec):
     codec_id = "fedpm"
     symbolic = True
 
-    def __init__(self, weight_seed: int, score_lr_scale: float):
+    def __init__(self, weight_seed: int, score_lr_scale: float, prior_strength: float):
         self.weight_seed = _seed(weight_seed)
+        if not (isinstance(prior_strength, (int, float)) and prior_strength >= 0):
+            raise ConfigError(f"prior_strength must be a number >= 0, got {prior_strength!r}")
+        self.prior_strength = float(prior_strength)
         if not (isinstance(score_lr_scale, (int, float)) and score_lr_scale > 0):
             raise ConfigError(f"score_lr_scale must be a positive number, got {score_lr_scale!r}")
         # the mask scores' gradient is the weight gradient times w0 * sigmoid'(s) (about 0.01-0.1 here),
@@ -195,7 +203,9 @@ class FedPMCodec(Codec):
             count = torch.zeros_like(g)
             for _, _, upd in updates:
                 count += torch.round((upd[name].to(torch.float64) + g) / w0).clamp(0, 1)
-            step[name] = w0 * ((1.0 + count) / (2.0 + k)) - g
+            lam = self.prior_strength
+            theta = (g / w0).clamp(0, 1)
+            step[name] = w0 * ((1.0 + lam * theta + count) / (2.0 + lam + k)) - g
         return step
 
     def eval_params(self, params: Update, spec: ModelSpec, seed: int) -> Update:
