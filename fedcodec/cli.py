@@ -214,7 +214,7 @@ def _add_flower(sub) -> None:
                                    "(see the README).")
     p.add_argument("mode", choices=["deploy-local", "simulate"])
     p.add_argument("--nodes", type=int, default=3, help="SuperNodes (= clients, one partition each); default 3")
-    p.add_argument("--method", help="fedavg, fedmrn-binary or fedmrn-signed (default: the app's)")
+    p.add_argument("--method", help="any method of `fedcodec codecs` (default: the app's, fedmrn-binary)")
     p.add_argument("--rounds", type=int)
     p.add_argument("--per-round", type=int, help="clients per round (default: all nodes)")
     p.add_argument("--dataset", choices=["fashion-mnist", "cifar10", "synthetic"])
