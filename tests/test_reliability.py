@@ -13,7 +13,6 @@ import torch
 from safetensors import safe_open
 
 from fedcodec.cli import main
-from fedcodec.config import Config
 from fedcodec.errors import ConfigError
 from fedcodec.fl import checkpoint
 from fedcodec.fl.rng import round_failures
