@@ -88,7 +88,11 @@ class CodecContext:
     ``reference`` is the model the update is relative to (the global model the client trained from;
     the server holds the same one), for codecs whose symbols are defined against it (FedPM).
     ``state`` is the client's own store, kept by the client across rounds and never sent (error
-    feedback keeps its residual there); the engine checkpoints it. Both are None where unavailable.
+    feedback keeps its residual there); the engine checkpoints it. On the server, ``decode`` and
+    ``accept_setup`` get the server's store *for that client* instead (the AE codec keeps the
+    client's decoder there). Both are None where unavailable.
+    ``metrics`` collects numbers a codec reports about this message (an AE's reconstruction error);
+    the engine averages them over the round's clients into the round record.
     """
 
     spec: ModelSpec
@@ -98,6 +102,18 @@ class CodecContext:
     rng: torch.Generator | None = None
     reference: Update | None = None
     state: dict[str, torch.Tensor] | None = None
+    metrics: dict[str, float] | None = None
+
+
+@dataclass(frozen=True)
+class Prepass:
+    """A codec's request to see local training before it can encode (the AE codec's "weights
+    dataset"): the client trains ``epochs`` epochs (None: its usual local epochs) from the model it
+    received, records the update ``snapshots`` times at evenly spaced steps, and hands the snapshots
+    to :meth:`Codec.fit`. The pre-pass model is thrown away; the round's own training follows."""
+
+    epochs: int | None
+    snapshots: int
 
 
 class Parametrization:
@@ -147,6 +163,23 @@ class Codec:
 
     def parametrization(self, ctx: CodecContext, global_params: Update) -> Parametrization | None:
         return None
+
+    # -- codecs that learn from the client's updates (the AE codec) ---------------------------------
+    def prepass(self, ctx: CodecContext) -> Prepass | None:
+        """Client side, before local training: a :class:`Prepass` if this client must (re)fit its
+        codec from local training snapshots this round (first selection, refresh), else None."""
+        return None
+
+    def fit(self, snapshots: list[Update], ctx: CodecContext) -> bytes:
+        """Client side: fit the codec to the pre-pass ``snapshots``, keep what the client needs in
+        ``ctx.state``, and return the *setup message* the server needs to decode this client's
+        payloads (the AE codec's decoder). The engine sends it uplink and counts it in the ledger."""
+        raise NotImplementedError(f"{type(self).__name__} asks for no pre-pass")
+
+    def accept_setup(self, message: bytes, ctx: CodecContext) -> None:
+        """Server side: validate a client's setup message and keep it in ``ctx.state`` (the server's
+        store for that client). Raises :class:`PayloadError`; a rejected message changes nothing."""
+        raise PayloadError("setup", f"codec {self.codec_id!r} takes no setup messages", ctx.client)
 
     def writer(self) -> wire.BodyWriter:
         """A body writer that stores symbol sections the way this codec was built to."""

@@ -16,7 +16,7 @@ from typing import Mapping
 import torch
 
 from ..errors import ConfigError
-from .base import Codec, CodecContext, ModelSpec, Parametrization, Update
+from .base import Codec, CodecContext, ModelSpec, Parametrization, Prepass, Update
 
 RESIDUAL = "ef/"
 
@@ -41,6 +41,15 @@ class ErrorFeedback(Codec):
     def init_global(self, params: Update, spec: ModelSpec) -> Update:
         return self.inner.init_global(params, spec)
 
+    def prepass(self, ctx: CodecContext) -> Prepass | None:
+        return self.inner.prepass(ctx)
+
+    def fit(self, snapshots: list[Update], ctx: CodecContext) -> bytes:
+        return self.inner.fit(snapshots, ctx)
+
+    def accept_setup(self, message: bytes, ctx: CodecContext) -> None:
+        self.inner.accept_setup(message, ctx)
+
     def aggregate(self, spec, global_params, updates):
         return self.inner.aggregate(spec, global_params, updates)
 
@@ -57,7 +66,9 @@ class ErrorFeedback(Codec):
             if RESIDUAL + n in ctx.state:
                 compensated[n] = update[n] + ctx.state[RESIDUAL + n]
         payload = self.inner.encode(compensated, ctx)
-        seen = self.inner.decode(payload, CodecContext(ctx.spec, ctx.client, ctx.round, reference=ctx.reference))
+        # the client decodes with its own store: a codec whose decoder lives there (AE) needs it
+        seen = self.inner.decode(payload, CodecContext(ctx.spec, ctx.client, ctx.round, reference=ctx.reference,
+                                                       state=ctx.state))
         for n in names:
             err = compensated[n] - seen[n]
             if torch.count_nonzero(err):

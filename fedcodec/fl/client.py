@@ -7,7 +7,7 @@ both call :func:`client_fit`.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Iterator
 
 import torch
@@ -16,6 +16,8 @@ from torch import nn
 from torch.func import functional_call
 
 from ..codecs import Codec, CodecContext, ModelSpec, Parametrization, Update
+from ..codecs.base import Prepass
+from ..errors import ConfigError
 from .downlink import Downlink
 from . import rng as rngs
 
@@ -68,8 +70,12 @@ def steps_per_epoch(num: int, batch_size: int) -> int:
 
 
 def local_train(rt: ClientRuntime, global_params: Update, x: torch.Tensor, y: torch.Tensor,
-                cfg: LocalTraining, param: Parametrization | None, shuffle: torch.Generator) -> tuple[Update, float]:
-    """Train from ``global_params`` on (x, y); return the update and the mean loss of the last epoch."""
+                cfg: LocalTraining, param: Parametrization | None, shuffle: torch.Generator,
+                snapshots: list[Update] | None = None, snapshot_steps: frozenset[int] = frozenset()
+                ) -> tuple[Update, float]:
+    """Train from ``global_params`` on (x, y); return the update and the mean loss of the last epoch.
+    After each step whose number (1-based) is in ``snapshot_steps``, the update so far is appended
+    to ``snapshots`` (a codec's pre-pass; plain training only)."""
     rt.load(global_params)
     model = rt.model
     model.train()
@@ -98,6 +104,10 @@ def local_train(rt: ClientRuntime, global_params: Update, x: torch.Tensor, y: to
             loss_sum += loss.detach().item() * len(idx)
             count += len(idx)
             step += 1
+            if step in snapshot_steps and snapshots is not None:
+                with torch.no_grad():
+                    snapshots.append({t.name: rt.tensors[t.name].detach() - global_params[t.name]
+                                      for t in rt.spec.tensors})
         last_loss = loss_sum / max(count, 1)
     update: Update = param.finish(latent) if param is not None else {}
     with torch.no_grad():
@@ -107,20 +117,49 @@ def local_train(rt: ClientRuntime, global_params: Update, x: torch.Tensor, y: to
     return update, last_loss
 
 
+def prepass(rt: ClientRuntime, global_params: Update, x: torch.Tensor, y: torch.Tensor, cfg: LocalTraining,
+            plan: Prepass, shuffle: torch.Generator) -> list[Update]:
+    """A codec's pre-pass: plain local training from ``global_params`` for ``plan.epochs`` epochs
+    (None: ``cfg.epochs``), recording the update ``plan.snapshots`` times at evenly spaced steps
+    (the last one at the final step). The trained model is discarded."""
+    epochs = plan.epochs or cfg.epochs
+    total = epochs * steps_per_epoch(len(x), cfg.batch_size)
+    count = min(plan.snapshots, total)
+    at = frozenset(round(total * (i + 1) / count) for i in range(count)) if count else frozenset()
+    snaps: list[Update] = []
+    local_train(rt, global_params, x, y, replace(cfg, epochs=epochs), None, shuffle, snaps, at)
+    return snaps
+
+
 def client_fit(rt: ClientRuntime, broadcast: bytes, x: torch.Tensor, y: torch.Tensor, cfg: LocalTraining,
                rnd: int, client: int, state: dict[str, torch.Tensor] | None = None) -> tuple[bytes, dict]:
     """One client's round: bytes in (the global model), bytes out (the encoded update).
 
     ``state`` is this client's private store, kept across rounds by whoever runs the client (the
     simulator's run state, a Flower node's context); stateful codecs (error feedback) update it in
-    place. A stateful codec without a store is a configuration error."""
+    place. A stateful codec without a store is a configuration error.
+
+    If the codec asks for a pre-pass (the AE codec, on a client's first selection), the client runs
+    it first and ``info["setup"]`` holds the codec's setup message (bytes the server must receive
+    before the payload: the AE's decoder). ``info["codec"]`` holds the codec's metrics."""
     global_params = rt.downlink.receive(broadcast, rnd, client, state)
     seed = rngs.derive_seed(rt.run_seed, rnd, rngs.CLIENT_NOISE, client)
+    metrics: dict[str, float] = {}
     ctx = CodecContext(rt.spec, client=client, round=rnd, seed=seed,
                        rng=rngs.torch_generator(rngs.derive_seed(rt.run_seed, rnd, rngs.CLIENT_CODEC, client)),
-                       reference=global_params, state=state)
+                       reference=global_params, state=state, metrics=metrics)
+    info: dict = {"num_examples": len(x)}
+    plan = rt.uplink.prepass(ctx)
+    if plan is not None:
+        if state is None:
+            raise ConfigError(f"codec {rt.uplink.codec_id!r} fits itself on the client and needs the client's "
+                              "store (client_fit(..., state=...))")
+        gen = rngs.torch_generator(rngs.derive_seed(rt.run_seed, rnd, rngs.PREPASS, client))
+        info["setup"] = rt.uplink.fit(prepass(rt, global_params, x, y, cfg, plan, gen), ctx)
     param = rt.uplink.parametrization(ctx, global_params)
     shuffle = rngs.torch_generator(rngs.derive_seed(rt.run_seed, rnd, rngs.CLIENT_TRAIN, client))
     update, loss = local_train(rt, global_params, x, y, cfg, param, shuffle)
     payload = rt.uplink.encode(update, ctx)
-    return payload, {"train_loss": loss, "num_examples": len(x)}
+    info["train_loss"] = loss
+    info["codec"] = metrics
+    return payload, info

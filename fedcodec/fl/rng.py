@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 # purposes (the third element of every seed path)
-SAMPLING, CLIENT_TRAIN, CLIENT_CODEC, CLIENT_NOISE, FAILURES, DOWNLINK, EVAL = 1, 2, 3, 4, 5, 6, 7
+SAMPLING, CLIENT_TRAIN, CLIENT_CODEC, CLIENT_NOISE, FAILURES, DOWNLINK, EVAL, PREPASS = 1, 2, 3, 4, 5, 6, 7, 8
 
 
 def derive_seed(*path: int) -> int:

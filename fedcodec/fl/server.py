@@ -57,21 +57,39 @@ def aggregate(spec: ModelSpec, global_params: Update, updates: list[tuple[int, f
 def server_round(uplink: Codec, spec: ModelSpec, global_params: Update, rnd: int,
                  payloads: dict[int, tuple[bytes, float]], min_clients: int = 1,
                  max_update_norm: float | None = None,
-                 references: dict[int, Update] | None = None) -> tuple[Update, RoundOutcome]:
+                 references: dict[int, Update] | None = None,
+                 setups: dict[int, bytes] | None = None,
+                 stores: dict[int, dict[str, torch.Tensor]] | None = None) -> tuple[Update, RoundOutcome]:
     """Decode ``payloads`` ({client: (bytes, weight)}), reject bad ones, aggregate the rest.
 
     A rejected payload is logged with the client and the reason and leaves no trace in the model. If
     fewer than ``min_clients`` payloads decode, the global model is kept unchanged for this round.
     With ``max_update_norm``, an update whose L2 norm exceeds it is rejected too. ``references``
     holds the model each client trained from, when it is not ``global_params`` (lossy downlink).
+
+    ``setups`` holds codec setup messages (an AE client's decoder), accepted into ``stores`` (the
+    server's per-client stores) before any payload is decoded; a setup message may arrive without a
+    payload (a straggler's). A rejected setup message rejects that client's payload too.
     """
     outcome = RoundOutcome()
     decoded = []
+    failed_setup: dict[int, str] = {}
+    for client in sorted(setups or {}):
+        try:
+            store = stores.setdefault(client, {}) if stores is not None else None
+            uplink.accept_setup(setups[client], CodecContext(spec, client=client, round=rnd, state=store))
+        except PayloadError as err:
+            err = err if err.client is not None else err.for_client(client)
+            log.warning("round %d: %s", rnd, err)
+            failed_setup[client] = str(err)
     for client in sorted(payloads):
         data, weight = payloads[client]
         try:
+            if client in failed_setup:
+                raise PayloadError("setup", f"its setup message was rejected ({failed_setup[client]})", client)
             ref = references.get(client, global_params) if references else global_params
-            upd = uplink.decode(data, CodecContext(spec, client=client, round=rnd, reference=ref))
+            store = stores.get(client) if stores is not None else None
+            upd = uplink.decode(data, CodecContext(spec, client=client, round=rnd, reference=ref, state=store))
             name = overflows(global_params, upd)
             if name is not None:
                 raise PayloadError("overflow", f"tensor {name!r} would leave the float32 range once applied", client)

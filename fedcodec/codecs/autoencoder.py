@@ -1,0 +1,410 @@
+"""Autoencoder-compressed updates (``ae``; after Chandar et al., FTL-IJCAI 2021).
+
+Each client learns its own autoencoder (AE) of what its weight updates look like. The encoder stays
+on the client; the decoder is sent to the server once, as bytes, and the server keeps one decoder per
+client. Every later update travels as the AE's latent code.
+
+**Lifecycle.**
+
+1. *Pre-pass* (:meth:`AECodec.prepass`): the first time a client is selected, it trains locally from
+   the model it received for ``prepass_epochs`` epochs (0: its usual local epochs) and records the
+   update ``snapshots`` times at evenly spaced steps: its "weights dataset". A client selected for
+   the first time in round 1 starts from the initial global model, as in the paper; a client first
+   selected later (partial participation) runs its pre-pass then, from the current global model.
+2. *Fit* (:meth:`AECodec.fit`): the client trains its AE on the snapshots (Adam, ``ae_steps`` steps,
+   batches of 256 chunks, MSE) and returns its decoder as a *setup message* (codec id
+   ``ae-decoder``), which the engine sends uplink in the same round and counts in the ledger.
+3. *Rounds*: the client's update is encoded to latents; the server decodes them with that client's
+   decoder. A payload from a client whose decoder the server does not hold, or that names another
+   decoder (fingerprint mismatch), is rejected with a typed error.
+4. *Refresh*: with ``refresh_every = R`` the client refits (a new pre-pass and decoder) when R rounds
+   have passed since its last fit; with ``refresh_error = e`` it refits at its next selection after
+   an update whose relative reconstruction error exceeded ``e``.
+
+**Unit: fixed-length chunks.** An update of a 390k-weight CNN is far too long for an AE input, and
+per-layer AEs would need one network per tensor shape (and a decoder per layer shipped). Instead the
+coded tensors are each divided by their RMS (sent as float32, one per tensor), concatenated in spec
+order, and cut into chunks of ``chunk`` values (the last one zero-padded); one AE maps every chunk
+to ``latent`` numbers and back. Per-tensor normalisation makes chunks of tensors with very different
+update magnitudes alike, and makes the small early updates of the pre-pass look like later ones.
+``hidden = 0`` gives a linear AE (chunk → latent → chunk, a learned projection); ``hidden > 0`` puts
+one tanh layer of that width on both sides. The coded tensors are the conv/linear kernels, plus the
+biases, BatchNorm parameters and running statistics when ``dense = "ae"`` (with ``dense = "fp32"``
+those travel as float32 as in every other codec; 7.7 KB for CNN4 caps the ratio near 200x). A
+running variance is coded as ``log((v + d) / v)`` against the reference model ``v``, so the
+reconstructed variance stays positive whatever the AE's error (coding ``d`` itself made the global
+model's variances negative and its outputs NaN within three rounds).
+
+**Latents.** ``bits = b > 0``: per latent dimension ``j`` a scale ``a_j = max |z_j|`` over the chunks
+(float32) and symbols ``q = round((z / a_j + 1) / 2 · (2^b - 1))`` in one symbol section (so
+``entropy=true`` range codes them); ``bits = 0`` sends float16 latents. Error feedback (``ef=true``)
+keeps what the AE could not represent for the next round.
+
+Wire formats::
+
+    ae-decoder setup message body: chunk u32 | latent u32 | hidden u32 | dtype u8 (0 f32, 1 f16)
+        | decoder weights, layer by layer (weight then bias), little-endian
+    ae payload body: decoder fingerprint (8 bytes) | RMS f32 per coded tensor
+        | bits > 0: scale f32 per latent dimension, latent symbols (chunks × latent, alphabet 2^bits)
+          bits = 0: chunks × latent float16 | float32 dense tensors (dense = "fp32")
+
+The fingerprint is the first 8 bytes of BLAKE2b over the whole setup message. The decoder is rounded
+to its shipping dtype on the client too, so both ends decode with the same weights and the same
+float32 operations: the server's update equals the one the client computed (bit for bit at equal
+thread counts).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from typing import Mapping
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..errors import ConfigError, PayloadError
+from . import wire
+from .base import Codec, CodecContext, ModelSpec, Prepass, TensorSpec, Update, register, split_specs
+from .signsgd import read_scales
+from .symbols import fixed_size
+from .wire import BodyReader
+
+KEY = "ae/"
+SETUP_ID = "ae-decoder"
+DTYPES = {"fp32": (0, "<f4"), "fp16": (1, "<f2")}
+BATCH = 256
+MAX_DIM = 1 << 20
+
+
+def _positive(name: str, value, lo: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not lo <= value <= MAX_DIM:
+        raise ConfigError(f"ae option {name} must be an integer in {lo}..{MAX_DIM}, got {value!r}")
+    return int(value)
+
+
+@register("ae", "per-client autoencoder over fixed-length chunks; decoder shipped once (Chandar et al. 2021)",
+          chunk=1024, latent=16, hidden=0, bits=8, dense="ae", decoder_dtype="fp16", prepass_epochs=0,
+          snapshots=10, ae_steps=300, ae_lr=1e-3, refresh_every=0, refresh_error=0.0)
+class AECodec(Codec):
+    codec_id = "ae"
+    symbolic = True
+    stateful = True
+
+    def __init__(self, chunk: int, latent: int, hidden: int, bits: int, dense: str, decoder_dtype: str,
+                 prepass_epochs: int, snapshots: int, ae_steps: int, ae_lr: float, refresh_every: int,
+                 refresh_error: float):
+        self.chunk = _positive("chunk", chunk, 2)
+        self.latent = _positive("latent", latent)
+        self.hidden = _positive("hidden", hidden, 0)
+        if self.latent >= self.chunk:
+            raise ConfigError(f"ae latent ({latent}) must be smaller than chunk ({chunk}) to compress anything")
+        if isinstance(bits, bool) or not isinstance(bits, (int, np.integer)) or not 0 <= bits <= 16:
+            raise ConfigError(f"ae option bits must be 0 (float16 latents) or 1..16, got {bits!r}")
+        self.bits = int(bits)
+        if dense not in ("ae", "fp32"):
+            raise ConfigError(f"ae option dense must be 'ae' (code biases and BatchNorm with the AE) or 'fp32', "
+                              f"got {dense!r}")
+        self.dense = dense
+        if decoder_dtype not in DTYPES:
+            raise ConfigError(f"ae option decoder_dtype must be one of {sorted(DTYPES)}, got {decoder_dtype!r}")
+        self.decoder_dtype = decoder_dtype
+        self.prepass_epochs = _positive("prepass_epochs", prepass_epochs, 0)
+        self.snapshots = _positive("snapshots", snapshots)
+        self.ae_steps = _positive("ae_steps", ae_steps)
+        if not (isinstance(ae_lr, (int, float)) and math.isfinite(ae_lr) and ae_lr > 0):
+            raise ConfigError(f"ae option ae_lr must be a positive number, got {ae_lr!r}")
+        self.ae_lr = float(ae_lr)
+        self.refresh_every = _positive("refresh_every", refresh_every, 0)
+        if not (isinstance(refresh_error, (int, float)) and refresh_error >= 0):
+            raise ConfigError(f"ae option refresh_error must be >= 0 (0: never), got {refresh_error!r}")
+        self.refresh_error = float(refresh_error)
+        if self.bits == 0:
+            self.symbolic = False
+
+    # -- geometry ----------------------------------------------------------------------------------
+    def coded_specs(self, spec: ModelSpec) -> tuple[list[TensorSpec], list[TensorSpec]]:
+        """(coded by the AE, sent as float32)."""
+        if self.dense == "ae":
+            return list(spec.tensors), []
+        return split_specs(spec)
+
+    def num_chunks(self, spec: ModelSpec) -> int:
+        n = sum(t.numel for t in self.coded_specs(spec)[0])
+        return -(-n // self.chunk)
+
+    def layer_shapes(self, part: str) -> list[tuple[int, int]]:
+        """(out, in) of each linear layer of the encoder or decoder."""
+        dims = [self.chunk] + ([self.hidden] if self.hidden else []) + [self.latent]
+        if part == "dec":
+            dims = dims[::-1]
+        return [(dims[i + 1], dims[i]) for i in range(len(dims) - 1)]
+
+    def decoder_numel(self) -> int:
+        return sum(o * i + o for o, i in self.layer_shapes("dec"))
+
+    # -- the network (plain functions of named tensors, so the stores hold it as tensors) --------------
+    @staticmethod
+    def _mlp(params: Mapping[str, torch.Tensor], prefix: str, layers: int, x: torch.Tensor) -> torch.Tensor:
+        for i in range(layers):
+            x = F.linear(x, params[f"{prefix}{i}.weight"], params[f"{prefix}{i}.bias"])
+            if i < layers - 1:
+                x = torch.tanh(x)
+        return x
+
+    def encode_chunks(self, params: Mapping[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        return self._mlp(params, KEY + "enc/", len(self.layer_shapes("enc")), x)
+
+    def decode_chunks(self, params: Mapping[str, torch.Tensor], z: torch.Tensor) -> torch.Tensor:
+        return self._mlp(params, KEY + "dec/", len(self.layer_shapes("dec")), z)
+
+    def variance_names(self, spec: ModelSpec) -> list[str]:
+        """BatchNorm running variances the AE codes (dense = "ae"), in the log domain (see to_log)."""
+        return [t.name for t in self.coded_specs(spec)[0] if t.role == "buffer" and t.name.endswith("running_var")]
+
+    def to_log(self, update: Mapping[str, torch.Tensor], ctx: CodecContext) -> Mapping[str, torch.Tensor]:
+        """A running variance ``v`` (the reference's) and its change ``d`` travel as
+        ``log((v + d) / v)``, so that any reconstruction gives a positive variance ``v·exp(·)``
+        (an AE error on ``d`` itself can make it negative, and the model's outputs NaN)."""
+        names = self.variance_names(ctx.spec)
+        if not names:
+            return update
+        ref = self._reference(ctx)
+        out = dict(update)
+        for n in names:
+            v = ref[n].clamp_min(1e-30)
+            out[n] = torch.log((v + update[n]).clamp_min(1e-30) / v)
+        return out
+
+    def from_log(self, update: Update, ctx: CodecContext) -> Update:
+        names = self.variance_names(ctx.spec)
+        if names:
+            ref = self._reference(ctx)
+            for n in names:
+                update[n] = ref[n].clamp_min(1e-30) * torch.expm1(update[n])
+        return update
+
+    @staticmethod
+    def _reference(ctx: CodecContext) -> Update:
+        if ctx.reference is None:
+            raise ConfigError("the ae codec codes BatchNorm running variances relative to the model the client "
+                              "trained from (CodecContext.reference); pass it, or use dense=fp32")
+        return ctx.reference
+
+    def normalise(self, update: Mapping[str, torch.Tensor], spec: ModelSpec) -> tuple[torch.Tensor, np.ndarray]:
+        """(chunks × chunk float32 matrix, RMS per coded tensor)."""
+        coded = self.coded_specs(spec)[0]
+        flat = spec.flatten(update, coded)
+        rms = np.zeros(len(coded), np.float32)
+        out = np.zeros(self.num_chunks(spec) * self.chunk, np.float32)
+        pos = 0
+        for i, t in enumerate(coded):
+            seg = flat[pos:pos + t.numel]
+            r = np.sqrt(np.mean(np.square(seg, dtype=np.float64))) if t.numel else 0.0
+            rms[i] = r
+            if rms[i] > 0 and np.isfinite(rms[i]):
+                np.divide(seg, rms[i], out=out[pos:pos + t.numel])
+            pos += t.numel
+        return torch.from_numpy(out.reshape(-1, self.chunk)), rms
+
+    def denormalise(self, chunks: torch.Tensor, rms: np.ndarray, spec: ModelSpec) -> Update:
+        coded = self.coded_specs(spec)[0]
+        flat = chunks.reshape(-1).numpy()
+        values = np.empty(sum(t.numel for t in coded), np.float32)
+        pos = 0
+        for i, t in enumerate(coded):
+            np.multiply(flat[pos:pos + t.numel], rms[i], out=values[pos:pos + t.numel])
+            pos += t.numel
+        return spec.unflatten(values, coded)
+
+    def quantize(self, z: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        """(scale per latent dimension, symbols) of latents ``z`` (chunks × latent)."""
+        top = (1 << self.bits) - 1
+        scales = z.abs().amax(0).numpy().astype(np.float32)
+        safe = np.where(scales > 0, scales, np.float32(1))
+        t = (z.numpy() / safe + np.float32(1)) * np.float32(top / 2)
+        q = np.clip(np.rint(t), 0, top).astype(np.int64)
+        return scales, q.reshape(-1)
+
+    def dequantize(self, scales: np.ndarray, q: np.ndarray) -> torch.Tensor:
+        top = np.float32((1 << self.bits) - 1)
+        grid = q.reshape(-1, self.latent).astype(np.float32) * np.float32(2) / top - np.float32(1)
+        return torch.from_numpy((grid * scales).astype(np.float32))
+
+    # -- client: pre-pass and fit ------------------------------------------------------------------
+    def prepass(self, ctx: CodecContext) -> Prepass | None:
+        state = ctx.state
+        if state is None or KEY + "fingerprint" not in state:
+            return Prepass(self.prepass_epochs or None, self.snapshots)
+        if self.refresh_every and ctx.round - int(state[KEY + "round"]) >= self.refresh_every:
+            return Prepass(self.prepass_epochs or None, self.snapshots)
+        if self.refresh_error and float(state.get(KEY + "error", torch.tensor(0.0))) > self.refresh_error:
+            return Prepass(self.prepass_epochs or None, self.snapshots)
+        return None
+
+    def _init_layers(self, gen: torch.Generator) -> dict[str, torch.Tensor]:
+        params = {}
+        for part in ("enc", "dec"):
+            for i, (o, n) in enumerate(self.layer_shapes(part)):
+                bound = 1.0 / math.sqrt(n)  # PyTorch's default Linear init range
+                params[f"{KEY}{part}/{i}.weight"] = (torch.rand(o, n, generator=gen) * 2 - 1) * bound
+                params[f"{KEY}{part}/{i}.bias"] = (torch.rand(o, generator=gen) * 2 - 1) * bound
+        return params
+
+    def fit(self, snapshots: list[Update], ctx: CodecContext) -> bytes:
+        if ctx.state is None or ctx.rng is None:
+            raise ConfigError("the ae codec fits on the client and needs its store and generator "
+                              "(CodecContext.state, .rng); run it through fedcodec's client function")
+        if not snapshots:
+            raise ConfigError("the ae pre-pass recorded no snapshots (no training steps: is the client's data empty?)")
+        data = torch.cat([self.normalise(self.to_log(s, ctx), ctx.spec)[0] for s in snapshots])
+        params = {k: v.requires_grad_(True) for k, v in self._init_layers(ctx.rng).items()}
+        opt = torch.optim.Adam(params.values(), lr=self.ae_lr)
+        for _ in range(self.ae_steps):
+            idx = torch.randint(len(data), (min(BATCH, len(data)),), generator=ctx.rng)
+            x = data[idx]
+            loss = F.mse_loss(self.decode_chunks(params, self.encode_chunks(params, x)), x)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        dtype = DTYPES[self.decoder_dtype][1]
+        with torch.no_grad():
+            for k in list(params):
+                params[k] = params[k].detach()
+                if k.startswith(KEY + "dec/"):  # what the server will hold: rounded to the shipping dtype
+                    params[k] = torch.from_numpy(params[k].numpy().astype(dtype).astype(np.float32))
+            recon = self.decode_chunks(params, self.encode_chunks(params, data))
+            fit_error = float((recon - data).pow(2).sum().sqrt() / data.pow(2).sum().sqrt().clamp_min(1e-30))
+        message = self.decoder_message(params, ctx.spec)
+        for k in [k for k in ctx.state if k.startswith(KEY)]:
+            del ctx.state[k]
+        ctx.state.update(params)
+        ctx.state[KEY + "fingerprint"] = torch.from_numpy(np.frombuffer(fingerprint(message), np.uint8).copy())
+        ctx.state[KEY + "round"] = torch.tensor(ctx.round, dtype=torch.int64)
+        ctx.state[KEY + "error"] = torch.tensor(0.0)
+        if ctx.metrics is not None:
+            ctx.metrics["ae_fit_error"] = fit_error
+            ctx.metrics["ae_decoder_bytes"] = len(message)
+        return message
+
+    def decoder_message(self, params: Mapping[str, torch.Tensor], spec: ModelSpec) -> bytes:
+        code, dtype = DTYPES[self.decoder_dtype]
+        w = wire.BodyWriter().u32(self.chunk).u32(self.latent).u32(self.hidden).u8(code)
+        for i in range(len(self.layer_shapes("dec"))):
+            for kind in ("weight", "bias"):
+                w.raw(params[f"{KEY}dec/{i}.{kind}"].numpy().astype(dtype))
+        return wire.pack(SETUP_ID, spec.fingerprint, w.getvalue())
+
+    # -- server: accept a decoder --------------------------------------------------------------------
+    def read_decoder(self, message: bytes, spec: ModelSpec) -> dict[str, torch.Tensor]:
+        """The decoder tensors of a setup message; raises PayloadError (sizes checked before reading)."""
+        body = wire.unpack(message, SETUP_ID, spec.fingerprint)
+        reader = BodyReader(body)
+        dims = (reader.u32("chunk"), reader.u32("latent"), reader.u32("hidden"))
+        if dims != (self.chunk, self.latent, self.hidden):
+            raise PayloadError("decoder", f"decoder for chunk/latent/hidden {dims}; this run's ae codec uses "
+                                          f"{(self.chunk, self.latent, self.hidden)}")
+        code, dtype = DTYPES[self.decoder_dtype]
+        got = reader.u8("decoder dtype")
+        if got != code:
+            raise PayloadError("decoder", f"decoder dtype code {got}; this run ships {self.decoder_dtype} ({code})")
+        itemsize = np.dtype(dtype).itemsize
+        if reader.remaining != self.decoder_numel() * itemsize:
+            raise PayloadError("size", f"decoder body holds {reader.remaining} bytes of weights, the configured "
+                                       f"decoder needs {self.decoder_numel() * itemsize}")
+        out = {}
+        for i, (o, n) in enumerate(self.layer_shapes("dec")):
+            for kind, shape in (("weight", (o, n)), ("bias", (o,))):
+                arr = reader.array(dtype, int(np.prod(shape)), f"decoder layer {i} {kind}").astype(np.float32)
+                if not np.isfinite(arr).all():
+                    raise PayloadError("nonfinite", f"decoder layer {i} {kind} holds NaN or Inf")
+                out[f"{KEY}dec/{i}.{kind}"] = torch.from_numpy(arr.reshape(shape))
+        reader.finish()
+        return out
+
+    def accept_setup(self, message: bytes, ctx: CodecContext) -> None:
+        try:
+            if ctx.state is None:
+                raise ConfigError("the server needs a per-client store to keep decoders (CodecContext.state)")
+            decoder = self.read_decoder(message, ctx.spec)
+        except PayloadError as err:
+            raise err.for_client(ctx.client) from None
+        for k in [k for k in ctx.state if k.startswith(KEY)]:
+            del ctx.state[k]
+        ctx.state.update(decoder)
+        ctx.state[KEY + "fingerprint"] = torch.from_numpy(np.frombuffer(fingerprint(message), np.uint8).copy())
+
+    # -- rounds ------------------------------------------------------------------------------------
+    def _decoder(self, ctx: CodecContext, client_side: bool) -> dict[str, torch.Tensor]:
+        state = ctx.state
+        if state is None or KEY + "fingerprint" not in state:
+            if client_side:
+                raise ConfigError("the ae codec has no fitted autoencoder in the client's store; the client "
+                                  "function runs the pre-pass first (use fedcodec's client_fit)")
+            raise PayloadError("no-decoder", "the server holds no decoder for this client. A client ships its "
+                                             "decoder (an 'ae-decoder' setup message) in the round of its pre-pass; "
+                                             "if that message was lost or rejected, the client must refit "
+                                             "(set refresh_every) before its latents can be decoded")
+        return state
+
+    def encode_body(self, update: Mapping[str, torch.Tensor], ctx: CodecContext) -> bytes:
+        params = self._decoder(ctx, client_side=True)
+        chunks, rms = self.normalise(self.to_log(update, ctx), ctx.spec)
+        with torch.no_grad():
+            z = self.encode_chunks(params, chunks)
+        w = self.writer().raw(params[KEY + "fingerprint"].numpy().tobytes()).raw(rms.astype("<f4"))
+        if self.bits:
+            scales, q = self.quantize(z)
+            w.raw(scales.astype("<f4")).symbols(q, 1 << self.bits)
+            z_hat = self.dequantize(scales, q)
+        else:
+            half = z.numpy().astype("<f2")
+            w.raw(half)
+            z_hat = torch.from_numpy(half.astype(np.float32))
+        dense = self.coded_specs(ctx.spec)[1]
+        w.raw(ctx.spec.flatten(update, dense).astype("<f4", copy=False))
+        # what the server will reconstruct: the relative error drives refresh_error and is reported
+        with torch.no_grad():
+            seen = self.from_log(self.denormalise(self.decode_chunks(params, z_hat), rms, ctx.spec), ctx)
+        num = sum(float((seen[n].double() - update[n].double()).pow(2).sum()) for n in seen)
+        den = sum(float(update[n].double().pow(2).sum()) for n in seen)
+        error = math.sqrt(num / den) if den > 0 else 0.0
+        if ctx.state is not None:
+            ctx.state[KEY + "error"] = torch.tensor(error)
+        if ctx.metrics is not None:
+            ctx.metrics["ae_error"] = error
+        return w.getvalue()
+
+    def decode_body(self, reader: BodyReader, ctx: CodecContext) -> Update:
+        params = self._decoder(ctx, client_side=False)
+        coded, dense = self.coded_specs(ctx.spec)
+        fp = bytes(reader.take(8, "decoder fingerprint"))
+        if fp != params[KEY + "fingerprint"].numpy().tobytes():
+            raise PayloadError("decoder-mismatch", f"latents made for decoder {fp.hex()}, the server holds "
+                                                   f"{params[KEY + 'fingerprint'].numpy().tobytes().hex()} "
+                                                   "for this client")
+        rms = read_scales(reader, len(coded), "tensor RMS")
+        count = self.num_chunks(ctx.spec) * self.latent
+        n_dense = sum(t.numel for t in dense)
+        if self.bits:
+            scales = read_scales(reader, self.latent, "latent scales")
+            if not self.entropy:
+                expected = fixed_size(count, 1 << self.bits) + 4 * n_dense
+                if reader.remaining != expected:
+                    raise PayloadError("size", f"body carries {reader.remaining} bytes after the scales; the "
+                                               f"model needs {expected}")
+            z_hat = self.dequantize(scales, reader.symbols(count, 1 << self.bits, "latents"))
+        else:
+            half = reader.array("<f2", count, "latents").astype(np.float32)
+            if not np.isfinite(half).all():
+                raise PayloadError("nonfinite", "latents hold NaN or Inf")
+            z_hat = torch.from_numpy(half.reshape(-1, self.latent))
+        with torch.no_grad():
+            out = self.from_log(self.denormalise(self.decode_chunks(params, z_hat), rms, ctx.spec), ctx)
+        out.update(ctx.spec.unflatten(reader.array("<f4", n_dense, "dense values"), dense))
+        return out
+
+
+def fingerprint(message: bytes) -> bytes:
+    return hashlib.blake2b(message, digest_size=8).digest()
