@@ -287,3 +287,19 @@ def test_client_state_survives_between_rounds_on_supernodes(tmp_path, monkeypatc
                for *_, n in down)
     assert_same_model(model, state.global_params)
     assert comparable(metrics["rounds"]) == comparable(state.records)
+
+
+def test_autoencoder_decoders_travel_as_setup_messages_on_supernodes(tmp_path, monkeypatch):
+    """The AE codec on Flower: each SuperNode runs its pre-pass on first selection and replies with its
+    decoder beside its latents; the server keeps one decoder per client (its per-client store), the
+    ledger counts every decoder, and the model equals the simulator's bit for bit."""
+    opts = {"chunk": 64, "ae_steps": 20, "snapshots": 3}
+    cfg = make_config(method="ae-4-ef", rounds=3, clients_per_round=2, codec_options=opts)
+    _, out, _ = flower_run(tmp_path, cfg, codec_options="chunk=64 ae_steps=20 snapshots=3")
+    metrics, events, model, ledger = load_outputs(out)
+    _, state, _ = reference(cfg, monkeypatch)
+    assert sorted(ledger) == sorted((e.round, e.client, e.direction, e.codec, e.nbytes) for e in state.ledger.entries)
+    setups = [(r, c) for r, c, d, codec, n in ledger if codec == "ae+ec/setup"]
+    assert len(setups) == len({c for _, c in setups}) == len({c for r, c, d, *_ in ledger if d == "up"})
+    assert_same_model(model, state.global_params)
+    assert comparable(metrics["rounds"]) == comparable(state.records)

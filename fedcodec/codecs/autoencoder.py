@@ -35,6 +35,10 @@ running variance is coded as ``log((v + d) / v)`` against the reference model ``
 reconstructed variance stays positive whatever the AE's error (coding ``d`` itself made the global
 model's variances negative and its outputs NaN within three rounds).
 
+Each tensor's reconstruction is multiplied by a *gain*, the least-squares factor
+``rms · <x, x̂> / <x̂, x̂>`` of the normalised tensor ``x`` and its reconstruction ``x̂``, sent in place
+of the RMS: the codec never expands a tensor's error beyond the tensor, which error feedback needs.
+
 **Latents.** ``bits = b > 0``: per latent dimension ``j`` a scale ``a_j = max |z_j|`` over the chunks
 (float32) and symbols ``q = round((z / a_j + 1) / 2 · (2^b - 1))`` in one symbol section (so
 ``entropy=true`` range codes them); ``bits = 0`` sends float16 latents. Error feedback (``ef=true``)
@@ -44,7 +48,7 @@ Wire formats::
 
     ae-decoder setup message body: chunk u32 | latent u32 | hidden u32 | dtype u8 (0 f32, 1 f16)
         | decoder weights, layer by layer (weight then bias), little-endian
-    ae payload body: decoder fingerprint (8 bytes) | RMS f32 per coded tensor
+    ae payload body: decoder fingerprint (8 bytes) | gain f32 per coded tensor
         | bits > 0: scale f32 per latent dimension, latent symbols (chunks × latent, alphabet 2^bits)
           bits = 0: chunks × latent float16 | float32 dense tensors (dense = "fp32")
 
@@ -86,7 +90,7 @@ def _positive(name: str, value, lo: int = 1) -> int:
 
 @register("ae", "per-client autoencoder over fixed-length chunks; decoder shipped once (Chandar et al. 2021)",
           chunk=1024, latent=16, hidden=0, bits=8, dense="ae", decoder_dtype="fp16", prepass_epochs=0,
-          snapshots=10, ae_steps=300, ae_lr=1e-3, refresh_every=0, refresh_error=0.0)
+          snapshots=10, ae_steps=500, ae_lr=3e-3, refresh_every=0, refresh_error=0.0)
 class AECodec(Codec):
     codec_id = "ae"
     symbolic = True
@@ -348,25 +352,47 @@ class AECodec(Codec):
                                              "(set refresh_every) before its latents can be decoded")
         return state
 
+    def gains(self, chunks: torch.Tensor, recon: torch.Tensor, rms: np.ndarray, spec: ModelSpec) -> np.ndarray:
+        """Per coded tensor, the factor that turns the AE's reconstruction of the normalised tensor
+        into the best (least-squares) estimate of the tensor: ``rms · <x, x̂> / <x̂, x̂>``. Sending it
+        instead of the RMS costs nothing and makes the codec non-expanding (the error of a tensor is
+        never larger than the tensor), which error feedback needs: an expanding AE made the residual
+        grow without bound."""
+        coded = self.coded_specs(spec)[0]
+        x, xh = chunks.reshape(-1).numpy(), recon.reshape(-1).numpy()
+        out = np.zeros(len(coded), np.float32)
+        pos = 0
+        for i, t in enumerate(coded):
+            a, b = x[pos:pos + t.numel].astype(np.float64), xh[pos:pos + t.numel].astype(np.float64)
+            bb = float(b @ b)
+            out[i] = rms[i] * (float(a @ b) / bb) if bb > 0 else 0.0
+            pos += t.numel
+        return out
+
     def encode_body(self, update: Mapping[str, torch.Tensor], ctx: CodecContext) -> bytes:
         params = self._decoder(ctx, client_side=True)
         chunks, rms = self.normalise(self.to_log(update, ctx), ctx.spec)
         with torch.no_grad():
             z = self.encode_chunks(params, chunks)
-        w = self.writer().raw(params[KEY + "fingerprint"].numpy().tobytes()).raw(rms.astype("<f4"))
+        w = self.writer()
         if self.bits:
             scales, q = self.quantize(z)
-            w.raw(scales.astype("<f4")).symbols(q, 1 << self.bits)
             z_hat = self.dequantize(scales, q)
         else:
             half = z.numpy().astype("<f2")
-            w.raw(half)
             z_hat = torch.from_numpy(half.astype(np.float32))
+        with torch.no_grad():
+            recon = self.decode_chunks(params, z_hat)
+        gains = self.gains(chunks, recon, rms, ctx.spec)
+        w.raw(params[KEY + "fingerprint"].numpy().tobytes()).raw(gains.astype("<f4"))
+        if self.bits:
+            w.raw(scales.astype("<f4")).symbols(q, 1 << self.bits)
+        else:
+            w.raw(half)
         dense = self.coded_specs(ctx.spec)[1]
         w.raw(ctx.spec.flatten(update, dense).astype("<f4", copy=False))
         # what the server will reconstruct: the relative error drives refresh_error and is reported
-        with torch.no_grad():
-            seen = self.from_log(self.denormalise(self.decode_chunks(params, z_hat), rms, ctx.spec), ctx)
+        seen = self.from_log(self.denormalise(recon, gains, ctx.spec), ctx)
         num = sum(float((seen[n].double() - update[n].double()).pow(2).sum()) for n in seen)
         den = sum(float(update[n].double().pow(2).sum()) for n in seen)
         error = math.sqrt(num / den) if den > 0 else 0.0
@@ -384,7 +410,9 @@ class AECodec(Codec):
             raise PayloadError("decoder-mismatch", f"latents made for decoder {fp.hex()}, the server holds "
                                                    f"{params[KEY + 'fingerprint'].numpy().tobytes().hex()} "
                                                    "for this client")
-        rms = read_scales(reader, len(coded), "tensor RMS")
+        gains = reader.array("<f4", len(coded), "tensor gains")
+        if not np.isfinite(gains).all():
+            raise PayloadError("field", "a tensor gain is NaN or Inf")
         count = self.num_chunks(ctx.spec) * self.latent
         n_dense = sum(t.numel for t in dense)
         if self.bits:
@@ -401,7 +429,7 @@ class AECodec(Codec):
                 raise PayloadError("nonfinite", "latents hold NaN or Inf")
             z_hat = torch.from_numpy(half.reshape(-1, self.latent))
         with torch.no_grad():
-            out = self.from_log(self.denormalise(self.decode_chunks(params, z_hat), rms, ctx.spec), ctx)
+            out = self.from_log(self.denormalise(self.decode_chunks(params, z_hat), gains, ctx.spec), ctx)
         out.update(ctx.spec.unflatten(reader.array("<f4", n_dense, "dense values"), dense))
         return out
 

@@ -99,8 +99,13 @@ def train(msg: Message, context: Context) -> Message:
         log.warning("round %d: partition %d corrupts its payload (corrupt-partition)", rnd, pid)
     log.info("round %d, client %d: %d examples, setup %.1f s, training %.1f s, payload %d bytes", rnd, pid,
              len(idx), t1 - t0, time.perf_counter() - t1, len(payload))
+    reply = {"payload": payload, "client": pid}
+    if "setup" in info:  # the codec's setup message (an AE client's decoder), sent with the payload
+        reply["setup"] = info["setup"]
+    codec_metrics = {f"codec-{k}": float(v) for k, v in info.get("codec", {}).items()}
     content = RecordDict({
-        RECORD: ConfigRecord({"payload": payload, "client": pid}),
-        METRICS: MetricRecord({"num-examples": int(info["num_examples"]), "train-loss": float(info["train_loss"])}),
+        RECORD: ConfigRecord(reply),
+        METRICS: MetricRecord({"num-examples": int(info["num_examples"]), "train-loss": float(info["train_loss"])}
+                              | codec_metrics),
     })
     return Message(content, reply_to=msg)

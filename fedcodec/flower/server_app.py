@@ -129,7 +129,7 @@ def run_rounds(grid: Grid, cfg, settings: FlowerSettings, out: Path) -> None:
             msgs.append(Message(content, dst_node_id=holders[c], message_type=TRAIN, group_id=str(rnd)))
             sent.append(c)
         replies = collect(grid, msgs, cfg.min_clients, settings.round_timeout, settings.straggler_timeout)
-        payloads, losses = {}, []
+        payloads, losses, setups, codec_metrics = {}, [], {}, []
         for c, reply in zip(sent, replies):
             if reply is None:
                 failed[c] = "no reply before the round's deadline"
@@ -139,11 +139,16 @@ def run_rounds(grid: Grid, cfg, settings: FlowerSettings, out: Path) -> None:
                 continue
             rec = reply.content.config_records.get(RECORD, {})
             payload = rec.get("payload", b"")
+            if "setup" in rec:  # a codec setup message (an AE client's decoder): counted as uplink
+                setup_msg = rec["setup"] if isinstance(rec["setup"], bytes) else b""
+                state.ledger.record(rnd, c, "up", f"{rt.uplink.codec_id}/setup", setup_msg)
+                setups[c] = setup_msg
             # the ledger holds len() of the bytes that arrived; anything but bytes is rejected by the decoder
             state.ledger.record(rnd, c, "up", rt.uplink.codec_id, payload if isinstance(payload, bytes) else b"")
             metrics = reply.content.metric_records.get(METRICS, {})
             if "train-loss" in metrics:
                 losses.append(float(metrics["train-loss"]))
+            codec_metrics.append({k[len("codec-"):]: float(v) for k, v in metrics.items() if k.startswith("codec-")})
             # the weight is the partition's size, which the server knows (same seeded partition as every
             # node): a client cannot inflate its say in the aggregate by reporting more examples
             weight = len(sim.parts[c])
@@ -154,7 +159,7 @@ def run_rounds(grid: Grid, cfg, settings: FlowerSettings, out: Path) -> None:
         for c, why in sorted(failed.items()):
             log.warning("round %d: client %d dropped (%s)", rnd, c, why)
         state, outcome = finish_round(sim, state, rnd, t0, len(clients), payloads, losses, dropped=len(failed),
-                                      references=views)
+                                      references=views, setups=setups, codec_metrics=codec_metrics)
         record = state.records[-1]
         events["rounds"].append({"round": rnd, "sampled": clients, "accepted": outcome.accepted,
                                  "rejected": {str(c): r for c, r in outcome.rejected.items()},
