@@ -228,7 +228,7 @@ def run(cfg, state=None, sim=None, rounds=None):
 def test_each_client_ships_its_decoder_once_on_first_selection_and_the_ledger_counts_it():
     sim, state = run(small())
     ups = [e for e in state.ledger.entries if e.direction == "up"]
-    setups = [e for e in ups if e.codec == "ae+ec/setup"]
+    setups = [e for e in ups if e.codec == "ae/setup"]
     first = {}
     for e in ups:
         first.setdefault(e.client, e.round)

@@ -299,7 +299,7 @@ def test_autoencoder_decoders_travel_as_setup_messages_on_supernodes(tmp_path, m
     metrics, events, model, ledger = load_outputs(out)
     _, state, _ = reference(cfg, monkeypatch)
     assert sorted(ledger) == sorted((e.round, e.client, e.direction, e.codec, e.nbytes) for e in state.ledger.entries)
-    setups = [(r, c) for r, c, d, codec, n in ledger if codec == "ae+ec/setup"]
+    setups = [(r, c) for r, c, d, codec, n in ledger if codec == "ae/setup"]
     assert len(setups) == len({c for _, c in setups}) == len({c for r, c, d, *_ in ledger if d == "up"})
     assert_same_model(model, state.global_params)
     assert comparable(metrics["rounds"]) == comparable(state.records)
