@@ -10,6 +10,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from .codecs import CodecContext, ModelSpec, build_codec
 
 MB = 1e6
@@ -30,6 +32,10 @@ def summarize(method: str, records: list[dict], spec: ModelSpec) -> dict[str, An
     up = sum(r["uplink_bytes"] for r in records)
     down = sum(r["downlink_bytes"] for r in records)
     per_client = up / max(uploads, 1)
+    setup = sum(r.get("setup_bytes", 0) for r in records)
+    standard = {"round", "clients", "accepted", "rejected", "dropped", "timed_out", "uplink_bytes", "downlink_bytes",
+                "train_loss", "seconds", "accuracy", "test_loss", "eval_seconds", "setup_bytes"}
+    codec_keys = sorted({k for r in records for k in r if k not in standard})
     return {
         "method": method,
         "rounds": len(records),
@@ -38,6 +44,11 @@ def summarize(method: str, records: list[dict], spec: ModelSpec) -> dict[str, An
         "uplink_bytes_per_client_round": per_client,
         "downlink_bytes_per_client_round": down / client_rounds,
         "uplink_total_bytes": up,
+        # codec setup messages (AE decoders) are part of uplink_total_bytes; without them, the
+        # bytes of one update, i.e. the per-round ratio once every decoder has been paid
+        "setup_total_bytes": setup,
+        "uplink_bytes_per_update": (up - setup) / max(uploads, 1),
+        "codec_metrics": {k: float(np.nanmean([r[k] for r in records if k in r])) for k in codec_keys},
         "downlink_total_bytes": down,
         "bits_per_parameter": 8 * per_client / spec.numel(),
         "ratio_vs_fp32": fp32_reference_bytes(spec) / per_client if per_client else math.nan,
@@ -73,15 +84,25 @@ def markdown_table(summaries: list[dict]) -> str:
     head = ("| method | final acc | best acc | uplink MB | downlink MB | uplink B/client/round | bits/param "
             "| ratio vs FedAvg | downlink B/client/round | s/round |\n"
             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    setups = any(s.get("setup_total_bytes") for s in summaries)
+    if setups:  # a codec that ships setup messages (AE decoders): show them and the per-update ratio
+        head = head.replace("| s/round |\n", "| setup MB | B/update | ratio per update | s/round |\n")
+        head += "---:|---:|---:|"
     rows = []
     for s in summaries:
         ratio = (base["uplink_bytes_per_client_round"] / s["uplink_bytes_per_client_round"]
                  if base and s["uplink_bytes_per_client_round"] else s["ratio_vs_fp32"])
+        extra = ""
+        if setups:
+            per_update = s.get("uplink_bytes_per_update", s["uplink_bytes_per_client_round"])
+            ref = base["uplink_bytes_per_client_round"] if base else s["uplink_bytes_per_client_round"] * s["ratio_vs_fp32"]
+            extra = (f"| {s.get('setup_total_bytes', 0) / MB:,.2f} | {per_update:,.0f} "
+                     f"| {ref / per_update if per_update else math.nan:.1f}x ")
         rows.append(f"| {s['method']} | {100 * s['final_accuracy']:.2f} | {100 * s['best_accuracy']:.2f} "
                     f"| {s['uplink_total_bytes'] / MB:,.2f} | {s['downlink_total_bytes'] / MB:,.1f} "
                     f"| {s['uplink_bytes_per_client_round']:,.0f} | {s['bits_per_parameter']:.3f} "
                     f"| {ratio:.1f}x | {s['downlink_bytes_per_client_round']:,.0f} "
-                    f"| {s['seconds_per_round']:.1f} |")
+                    f"{extra}| {s['seconds_per_round']:.1f} |")
     return "\n".join([head, *rows])
 
 

@@ -262,3 +262,18 @@ def test_error_feedback_with_the_ae_and_resume_is_bit_identical(tmp_path):
     _, resumed = run(cfg, restored, sim2, rounds=1)
     assert all(torch.equal(straight.global_params[k], resumed.global_params[k]) for k in straight.global_params)
     assert [e.nbytes for e in straight.ledger.entries] == [e.nbytes for e in resumed.ledger.entries]
+
+
+def test_report_separates_decoder_bytes_from_per_update_bytes():
+    from fedcodec.report import markdown_table, summarize
+
+    sim, state = run(small(rounds=2))
+    s = summarize("ae-4", state.records, sim.spec)
+    setup_bytes = sum(e.nbytes for e in state.ledger.entries if e.codec.endswith("/setup"))
+    updates = [e.nbytes for e in state.ledger.entries if e.codec == "ae"]
+    assert s["setup_total_bytes"] == setup_bytes > 0
+    assert s["uplink_total_bytes"] == setup_bytes + sum(updates)
+    assert s["uplink_bytes_per_update"] == pytest.approx(sum(updates) / len(updates))
+    assert 0 < s["codec_metrics"]["ae_error"] < 2 and s["codec_metrics"]["ae_decoder_bytes"] > 0
+    table = markdown_table([s])
+    assert "ratio per update" in table and table.splitlines()[1].count("|") == table.splitlines()[2].count("|")
