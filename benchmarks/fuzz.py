@@ -54,6 +54,12 @@ class Case:
     spec: ModelSpec
     valid: list[bytes]
     bodies: list[bytes]
+    #: the server's store for the client, for a codec that fits itself on the client (AE)
+    store: dict | None = None
+
+    @property
+    def zero(self) -> dict:
+        return {t.name: torch.zeros(t.shape) for t in self.spec.tensors}
 
     def wrap(self, body) -> bytes:
         return wire.pack(self.codec.codec_id, self.spec.fingerprint, bytes(body))
@@ -62,15 +68,24 @@ class Case:
 def make_case(name: str, spec: ModelSpec, n_valid: int = 4) -> Case:
     base, _, stage = name.partition("+")  # "fedmrn+ec": the codec with its entropy stage
     codec = build_codec(base, entropy=stage == "ec")
+    zero = {t.name: torch.zeros(t.shape) for t in spec.tensors}
+    client_store, server_store = {}, None
+    first = CodecContext(spec, client=0, round=1, seed=1, rng=torch_generator(99), reference=zero, state=client_store)
+    if codec.prepass(first) is not None:  # fit on update-like snapshots; the server accepts the setup message
+        snaps = [{t.name: torch.randn(t.shape, generator=torch.Generator().manual_seed(50 + j)) * 0.01
+                  for t in spec.tensors} for j in range(4)]
+        server_store = {}
+        codec.accept_setup(codec.fit(snaps, first), CodecContext(spec, client=0, round=1, state=server_store))
     valid = []
     for i in range(n_valid):
         g = torch.Generator().manual_seed(i)
         scale = [0.0, 0.001, 0.01, 1.0][i % 4]
         update = {t.name: torch.randn(t.shape, generator=g) * scale for t in spec.tensors}
-        c = CodecContext(spec, client=0, round=1, seed=1000 + i, rng=torch_generator(i))
+        c = CodecContext(spec, client=0, round=1, seed=1000 + i, rng=torch_generator(i), reference=zero,
+                         state=client_store)
         valid.append(codec.encode(update, c))
     bodies = [bytes(wire.unpack(p, codec.codec_id, spec.fingerprint)) for p in valid]
-    return Case(name, codec, spec, valid, bodies)
+    return Case(name, codec, spec, valid, bodies, server_store)
 
 
 def body_len_offset(payload: bytes) -> int:
@@ -217,7 +232,8 @@ def fuzz_codec(case: Case, inputs: int, seed: int, progress: bool) -> Tally:
         base = tracemalloc.get_traced_memory()[0]
         t0 = time.perf_counter()
         try:
-            out = case.codec.decode(payload, CodecContext(case.spec, client=client, round=1))
+            out = case.codec.decode(payload, CodecContext(case.spec, client=client, round=1, reference=case.zero,
+                                                          state=case.store))
             outcome = "accepted"
         except PayloadError as err:
             out = None

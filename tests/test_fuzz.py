@@ -11,6 +11,7 @@ file. ``benchmarks/fuzz.py`` runs the longer campaign.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import signal
 import struct
@@ -63,6 +64,12 @@ class Case:
     codec: Codec
     spec: ModelSpec
     valid: tuple[bytes, ...]
+    #: a codec that fits itself on the client (AE): the client's store, and the server's store for it
+    client_store: dict | None = None
+    server_store: dict | None = None
+
+    def encode_ctx(self, seed: int, rng_seed: int = 11) -> CodecContext:
+        return dataclasses.replace(ctx(self.spec, seed=seed, rng_seed=rng_seed), state=self.client_store)
 
     @property
     def bodies(self) -> tuple[bytes, ...]:
@@ -78,9 +85,24 @@ def case(name: str, model: str = "tiny") -> Case:
     base, _, stage = name.partition("+")
     codec = build_codec(base, entropy=stage == "ec")
     spec = tiny_spec() if model == "tiny" else cnn4_spec()
-    valid = tuple(codec.encode(random_update(spec, seed=i, scale=0.01 * 10 ** i), ctx(spec, seed=100 + i, rng_seed=i))
+    client_store = server_store = None
+    first = dataclasses.replace(ctx(spec, seed=1), state={})
+    if codec.prepass(first) is not None:  # fit it on a few update-like snapshots; the server keeps its setup
+        client_store, server_store = first.state, {}
+        message = codec.fit([random_update(spec, seed=50 + j, scale=0.01) for j in range(4)], first)
+        codec.accept_setup(message, CodecContext(spec, client=0, round=1, state=server_store))
+    c = Case(name, codec, spec, (), client_store, server_store)
+    valid = tuple(codec.encode(random_update(spec, seed=i, scale=0.01 * 10 ** i), c.encode_ctx(100 + i, i))
                   for i in range(N_VALID))
-    return Case(name, codec, spec, valid)
+    return dataclasses.replace(c, valid=valid)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _build_cases():
+    """Build every tiny-spec case before any test runs, so hypothesis' per-example deadline never
+    times a case's construction (fitting the AE codec imports torch's optimizer machinery: seconds)."""
+    for name in CODECS:
+        case(name)
 
 
 def layout(payload: bytes) -> tuple[int, int]:
@@ -136,7 +158,8 @@ def check_decode(c: Case, payload: bytes, client: int = 5, hang_s: float = 20.0,
     ref = zero_model(c.spec) if reference is None else reference
     with no_hang(hang_s):
         try:
-            out = c.codec.decode(payload, CodecContext(c.spec, client=client, round=1, reference=ref))
+            out = c.codec.decode(payload, CodecContext(c.spec, client=client, round=1, reference=ref,
+                                                       state=c.server_store))
         except PayloadError as err:
             assert err.client == client, err
             assert f"client {client}" in str(err)
@@ -428,12 +451,13 @@ def test_server_round_never_poisons_the_global_model(name, data, min_clients):
     payloads = {}
     for client in data.draw(st.lists(clients, min_size=n, max_size=n, unique=True)):
         if data.draw(st.booleans()):
-            payload = c.codec.encode(random_update(c.spec, seed=client), ctx(c.spec, seed=client))
+            payload = c.codec.encode(random_update(c.spec, seed=client), c.encode_ctx(client))
         else:
             payload = data.draw(fuzzed_payloads(c))
         payloads[client] = (payload, data.draw(st.floats(1.0, 1000.0)))
     global_params = random_update(c.spec, seed=99, scale=0.1)
-    new, outcome = server_round(c.codec, c.spec, global_params, 1, payloads, min_clients=min_clients)
+    stores = {client: c.server_store for client in payloads} if c.server_store is not None else None
+    new, outcome = server_round(c.codec, c.spec, global_params, 1, payloads, min_clients=min_clients, stores=stores)
 
     assert sorted(outcome.accepted + list(outcome.rejected)) == sorted(payloads)
     assert not set(outcome.accepted) & set(outcome.rejected)
