@@ -36,6 +36,9 @@ class PayloadError(FedcodecError, ValueError):
         who = f"client {self.client}: " if self.client is not None else ""
         return f"{who}rejected payload ({self.reason}): {self.detail}"
 
+    def __reduce__(self):  # crosses process boundaries (compare --jobs) intact
+        return type(self), (self.reason, self.detail, self.client)
+
     def for_client(self, client: int | str) -> "PayloadError":
         """Return the same error, attributed to ``client``."""
         err = type(self)(self.reason, self.detail, client)

@@ -34,7 +34,8 @@ class Rounding(Codec):
 
 def test_error_feedback_identity_sent_plus_memory_equals_input():
     """EF's defining property: what the server received over all rounds plus the memory equals the
-    sum of the true updates, exactly up to float rounding."""
+    sum of the true updates, exactly up to float rounding (for trained tensors; running statistics
+    keep no memory)."""
     spec = tiny_spec()
     ef, state = ErrorFeedback(Rounding()), {}
     sent = {t.name: torch.zeros(t.shape) for t in spec.tensors}
@@ -47,13 +48,14 @@ def test_error_feedback_identity_sent_plus_memory_equals_input():
         for n in true:
             true[n] += upd[n]
             sent[n] += got[n]
-    for n in true:
+    trained = [t.name for t in spec.tensors if t.role != "buffer"]  # running statistics get no memory
+    for n in trained:
         mem = state.get(RESIDUAL + n, torch.zeros_like(true[n]))
         assert torch.allclose(sent[n] + mem, true[n], atol=1e-6)
     # without EF the error of every round stays lost: the received sum is further from the truth
     plain = Rounding()
     err_plain = err_ef = 0.0
-    for n in true:
+    for n in trained:
         got = sum(plain.decode(plain.encode(random_update(spec, seed=r, scale=0.004), ctx(spec)), ctx(spec))[n]
                   for r in range(5))
         err_plain += float((got - true[n]).abs().sum())
@@ -170,3 +172,27 @@ def test_ef_run_ledger_matches_payload_formula():
     expected = (wire.envelope_overhead("fedmrn") + 14 + math.ceil(spec.numel(("weight",)) / 8)
                 + 4 * spec.numel(("param", "buffer")))
     assert {e.nbytes for e in state.ledger.entries if e.direction == "up"} == {expected}
+
+
+def test_error_feedback_keeps_no_memory_for_running_statistics_and_survives_an_undecodable_payload():
+    spec = tiny_spec()
+    codec = ErrorFeedback(Rounding())
+    c = ctx(spec)
+    c.state = {}
+    codec.encode(random_update(spec, 3, 0.0123), c)
+    buffers = {t.name for t in spec.tensors if t.role == "buffer"}
+    assert buffers and not any(k[len(RESIDUAL):] in buffers for k in c.state)
+    assert any(k.startswith(RESIDUAL) for k in c.state)
+    bad = random_update(spec, 4)
+    bad[spec.names[0]] = torch.full(bad[spec.names[0]].shape, float("nan"))
+    payload = codec.encode(bad, c)  # the server rejects it; the client neither crashes nor keeps NaN memory
+    assert payload and not any(k.startswith(RESIDUAL) for k in c.state)
+
+
+def test_payload_errors_survive_pickling():
+    import pickle
+
+    from fedcodec.errors import PayloadError
+
+    err = pickle.loads(pickle.dumps(PayloadError("size", "too long", 7)))
+    assert (err.reason, err.detail, err.client, str(err)) == ("size", "too long", 7, str(PayloadError("size", "too long", 7)))

@@ -11,14 +11,16 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Mapping
 
 import torch
 
-from ..errors import ConfigError
+from ..errors import ConfigError, PayloadError
 from .base import Codec, CodecContext, ModelSpec, Parametrization, Prepass, Update
 
 RESIDUAL = "ef/"
+log = logging.getLogger("fedcodec.stages")
 
 
 class ErrorFeedback(Codec):
@@ -60,15 +62,25 @@ class ErrorFeedback(Codec):
         if ctx.state is None:
             raise ConfigError("error feedback needs the client's state store (CodecContext.state); "
                               "run it through fedcodec's client function")
-        names = ctx.spec.names
+        # trained tensors only: running statistics (BatchNorm buffers) are estimates that each round
+        # replaces, not steps that add up, so carrying their error forward only adds stale error (and
+        # under the AE's log-coded variances it diverged)
+        names = [t.name for t in ctx.spec.tensors if t.role != "buffer"]
         compensated = dict(update)  # extra entries (a parametrization's side values) pass through
         for n in names:
             if RESIDUAL + n in ctx.state:
                 compensated[n] = update[n] + ctx.state[RESIDUAL + n]
         payload = self.inner.encode(compensated, ctx)
         # the client decodes with its own store: a codec whose decoder lives there (AE) needs it
-        seen = self.inner.decode(payload, CodecContext(ctx.spec, ctx.client, ctx.round, reference=ctx.reference,
-                                                       state=ctx.state))
+        try:
+            seen = self.inner.decode(payload, CodecContext(ctx.spec, ctx.client, ctx.round, reference=ctx.reference,
+                                                           state=ctx.state))
+        except PayloadError as err:  # the server will reject it too; start the memory afresh, don't crash
+            log.warning("client %s, round %d: own payload does not decode (%s); error-feedback memory reset",
+                        ctx.client, ctx.round, err.detail)
+            for n in names:
+                ctx.state.pop(RESIDUAL + n, None)
+            return payload
         for n in names:
             err = compensated[n] - seen[n]
             if torch.count_nonzero(err):
