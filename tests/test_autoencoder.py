@@ -93,7 +93,9 @@ def test_payload_length_matches_the_format():
         coded, plain = codec.coded_specs(spec)
         count = codec.num_chunks(spec) * codec.latent
         latents = 2 * count if bits == 0 else 4 * codec.latent + math.ceil(count * bits / 8)
-        expected = (wire.envelope_overhead("ae") + 8 + 4 * len(coded) + latents + 4 * sum(t.numel for t in plain))
+        width = 2 if dense == "ae" else 4  # running statistics in float16 beside the AE's latents
+        assert all(t.role == "buffer" for t in plain) == (dense == "ae")
+        expected = (wire.envelope_overhead("ae") + 8 + 4 * len(coded) + latents + width * sum(t.numel for t in plain))
         assert len(payload) == expected, (dense, bits)
 
 

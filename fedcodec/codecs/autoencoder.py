@@ -28,12 +28,14 @@ order, and cut into chunks of ``chunk`` values (the last one zero-padded); one A
 to ``latent`` numbers and back. Per-tensor normalisation makes chunks of tensors with very different
 update magnitudes alike, and makes the small early updates of the pre-pass look like later ones.
 ``hidden = 0`` gives a linear AE (chunk → latent → chunk, a learned projection); ``hidden > 0`` puts
-one tanh layer of that width on both sides. The coded tensors are the conv/linear kernels, plus the
-biases, BatchNorm parameters and running statistics when ``dense = "ae"`` (with ``dense = "fp32"``
-those travel as float32 as in every other codec; 7.7 KB for CNN4 caps the ratio near 200x). A
-running variance is coded as ``log((v + d) / v)`` against the reference model ``v``, so the
-reconstructed variance stays positive whatever the AE's error (coding ``d`` itself made the global
-model's variances negative and its outputs NaN within three rounds).
+one tanh layer of that width on both sides. The coded tensors are the conv/linear kernels, plus
+the biases and BatchNorm scales and shifts when ``dense = "ae"``; the BatchNorm running statistics
+then travel beside the latents as float16 (1.9 KB for CNN4), a running variance as
+``log((v + d) / v)`` against the reference model ``v`` so that it stays positive. With
+``dense = "fp32"`` everything but the kernels travels as float32, as in every other codec (7.7 KB for
+CNN4, which caps the ratio near 200x). Running statistics do not go through the AE: coded that way
+(first version) their reconstruction error broke the global model's BatchNorm and it stayed at 10%
+accuracy, while a chunk AE cannot compress 960 unrelated statistics anyway.
 
 Each tensor's reconstruction is multiplied by a *gain*, the least-squares factor
 ``rms · <x, x̂> / <x̂, x̂>`` of the normalised tensor ``x`` and its reconstruction ``x̂``, sent in place
@@ -50,7 +52,9 @@ Wire formats::
         | decoder weights, layer by layer (weight then bias), little-endian
     ae payload body: decoder fingerprint (8 bytes) | gain f32 per coded tensor
         | bits > 0: scale f32 per latent dimension, latent symbols (chunks × latent, alphabet 2^bits)
-          bits = 0: chunks × latent float16 | float32 dense tensors (dense = "fp32")
+          bits = 0: chunks × latent float16
+        | the other tensors: float16 running statistics (dense = "ae"; variances log-coded)
+          or float32 biases and BatchNorm values (dense = "fp32")
 
 The fingerprint is the first 8 bytes of BLAKE2b over the whole setup message. The decoder is rounded
 to its shipping dtype on the client too, so both ends decode with the same weights and the same
@@ -129,10 +133,14 @@ class AECodec(Codec):
 
     # -- geometry ----------------------------------------------------------------------------------
     def coded_specs(self, spec: ModelSpec) -> tuple[list[TensorSpec], list[TensorSpec]]:
-        """(coded by the AE, sent as float32)."""
+        """(coded by the AE, sent beside the latents: float16 with dense = "ae", float32 otherwise)."""
         if self.dense == "ae":
-            return list(spec.tensors), []
+            return spec.select(("weight", "param")), spec.select(("buffer",))
         return split_specs(spec)
+
+    @property
+    def plain_dtype(self) -> str:
+        return "<f2" if self.dense == "ae" else "<f4"
 
     def num_chunks(self, spec: ModelSpec) -> int:
         n = sum(t.numel for t in self.coded_specs(spec)[0])
@@ -164,13 +172,15 @@ class AECodec(Codec):
         return self._mlp(params, KEY + "dec/", len(self.layer_shapes("dec")), z)
 
     def variance_names(self, spec: ModelSpec) -> list[str]:
-        """BatchNorm running variances the AE codes (dense = "ae"), in the log domain (see to_log)."""
-        return [t.name for t in self.coded_specs(spec)[0] if t.role == "buffer" and t.name.endswith("running_var")]
+        """BatchNorm running variances sent as float16 (dense = "ae"), in the log domain (see to_log)."""
+        if self.dense != "ae":
+            return []
+        return [t.name for t in self.coded_specs(spec)[1] if t.name.endswith("running_var")]
 
     def to_log(self, update: Mapping[str, torch.Tensor], ctx: CodecContext) -> Mapping[str, torch.Tensor]:
         """A running variance ``v`` (the reference's) and its change ``d`` travel as
-        ``log((v + d) / v)``, so that any reconstruction gives a positive variance ``v·exp(·)``
-        (an AE error on ``d`` itself can make it negative, and the model's outputs NaN)."""
+        ``log((v + d) / v)`` in float16, so that the decoded variance ``v·exp(·)`` is positive
+        whatever the rounding (``d`` itself rounded can make a small variance negative)."""
         names = self.variance_names(ctx.spec)
         if not names:
             return update
@@ -262,7 +272,7 @@ class AECodec(Codec):
                               "(CodecContext.state, .rng); run it through fedcodec's client function")
         if not snapshots:
             raise ConfigError("the ae pre-pass recorded no snapshots (no training steps: is the client's data empty?)")
-        data = torch.cat([self.normalise(self.to_log(s, ctx), ctx.spec)[0] for s in snapshots])
+        data = torch.cat([self.normalise(s, ctx.spec)[0] for s in snapshots])
         params = {k: v.requires_grad_(True) for k, v in self._init_layers(ctx.rng).items()}
         opt = torch.optim.Adam(params.values(), lr=self.ae_lr)
         for _ in range(self.ae_steps):
@@ -371,7 +381,7 @@ class AECodec(Codec):
 
     def encode_body(self, update: Mapping[str, torch.Tensor], ctx: CodecContext) -> bytes:
         params = self._decoder(ctx, client_side=True)
-        chunks, rms = self.normalise(self.to_log(update, ctx), ctx.spec)
+        chunks, rms = self.normalise(update, ctx.spec)
         with torch.no_grad():
             z = self.encode_chunks(params, chunks)
         w = self.writer()
@@ -390,9 +400,11 @@ class AECodec(Codec):
         else:
             w.raw(half)
         dense = self.coded_specs(ctx.spec)[1]
-        w.raw(ctx.spec.flatten(update, dense).astype("<f4", copy=False))
+        plain = ctx.spec.flatten(self.to_log(update, ctx), dense).astype(self.plain_dtype)
+        w.raw(plain)
         # what the server will reconstruct: the relative error drives refresh_error and is reported
-        seen = self.from_log(self.denormalise(recon, gains, ctx.spec), ctx)
+        seen = self.denormalise(recon, gains, ctx.spec)
+        seen.update(self.from_log(ctx.spec.unflatten(plain.astype(np.float32), dense), ctx))
         num = sum(float((seen[n].double() - update[n].double()).pow(2).sum()) for n in seen)
         den = sum(float(update[n].double().pow(2).sum()) for n in seen)
         error = math.sqrt(num / den) if den > 0 else 0.0
@@ -418,7 +430,7 @@ class AECodec(Codec):
         if self.bits:
             scales = read_scales(reader, self.latent, "latent scales")
             if not self.entropy:
-                expected = fixed_size(count, 1 << self.bits) + 4 * n_dense
+                expected = fixed_size(count, 1 << self.bits) + np.dtype(self.plain_dtype).itemsize * n_dense
                 if reader.remaining != expected:
                     raise PayloadError("size", f"body carries {reader.remaining} bytes after the scales; the "
                                                f"model needs {expected}")
@@ -429,8 +441,9 @@ class AECodec(Codec):
                 raise PayloadError("nonfinite", "latents hold NaN or Inf")
             z_hat = torch.from_numpy(half.reshape(-1, self.latent))
         with torch.no_grad():
-            out = self.from_log(self.denormalise(self.decode_chunks(params, z_hat), gains, ctx.spec), ctx)
-        out.update(ctx.spec.unflatten(reader.array("<f4", n_dense, "dense values"), dense))
+            out = self.denormalise(self.decode_chunks(params, z_hat), gains, ctx.spec)
+        plain = reader.array(self.plain_dtype, n_dense, "dense values").astype(np.float32)
+        out.update(self.from_log(ctx.spec.unflatten(plain, dense), ctx))
         return out
 
 
