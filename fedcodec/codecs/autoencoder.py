@@ -402,9 +402,9 @@ class AECodec(Codec):
         dense = self.coded_specs(ctx.spec)[1]
         plain = ctx.spec.flatten(self.to_log(update, ctx), dense).astype(self.plain_dtype)
         w.raw(plain)
-        # what the server will reconstruct: the relative error drives refresh_error and is reported
-        seen = self.denormalise(recon, gains, ctx.spec)
-        seen.update(self.from_log(ctx.spec.unflatten(plain.astype(np.float32), dense), ctx))
+        # the relative error of what the server will reconstruct, over the AE-coded tensors (the
+        # running statistics would swamp it): drives refresh_error and is reported
+        seen = self.denormalise(recon, gains, ctx.spec)  # the AE-coded tensors, as the server will see them
         num = sum(float((seen[n].double() - update[n].double()).pow(2).sum()) for n in seen)
         den = sum(float(update[n].double().pow(2).sum()) for n in seen)
         error = math.sqrt(num / den) if den > 0 else 0.0
