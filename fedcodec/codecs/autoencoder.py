@@ -112,7 +112,8 @@ class AECodec(Codec):
             raise ConfigError(f"ae option bits must be 0 (float16 latents) or 1..16, got {bits!r}")
         self.bits = int(bits)
         if dense not in ("ae", "fp32"):
-            raise ConfigError(f"ae option dense must be 'ae' (code biases and BatchNorm with the AE) or 'fp32', "
+            raise ConfigError(f"ae option dense must be 'ae' (the AE codes biases and BatchNorm scales/shifts "
+                              f"too; running statistics go as float16) or 'fp32' (all of those as float32), "
                               f"got {dense!r}")
         self.dense = dense
         if decoder_dtype not in DTYPES:
