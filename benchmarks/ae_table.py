@@ -1,6 +1,6 @@
 """The autoencoder codec's table for docs/RESULTS.md, from a `fedcodec compare` folder.
 
-    python benchmarks/ae_table.py runs/compare/fmnist-iid
+    python benchmarks/ae_table.py runs/compare/fmnist-iid [--plot docs/img/ae-iid.png]
 
 Per method: accuracy, bytes of one update (latents + float16 running statistics + header), the
 per-round ratio to FedAvg's update, the decoders shipped (setup messages: count and MB), the
@@ -39,7 +39,7 @@ def load(run: Path) -> tuple[dict, list[dict], list[dict]]:
     return summary, rounds, ledger
 
 
-def main(root: Path) -> None:
+def main(root: Path, plot_path: Path | None = None) -> None:
     _, _, base_ledger = load(root / "fedavg")
     base_up = [(int(e["round"]), int(e["bytes"])) for e in base_ledger if e["direction"] == "up"]
     base_update, base_total = sum(n for _, n in base_up) / len(base_up), sum(n for _, n in base_up)
@@ -65,7 +65,20 @@ def main(root: Path) -> None:
               f"| {base_run / total:,.1f}x | {sum(err) / len(err):.3f} | {sum(fit) / len(fit):.3f} "
               f"| {s['seconds_per_round']:.0f} |")
     print(f"\nFedAvg: {base_update:,.0f} B per update, {base_total / MB:.2f} MB uplink in total")
+    if plot_path is not None:  # accuracy vs round and vs cumulative uplink (decoders included)
+        from fedcodec.report import plot
+
+        curves = {"fedavg": load(root / "fedavg")[1]}
+        for ref in ("fedmrn-binary-ec", "topk-ef"):  # the best 1-bit method and the sparsest baseline
+            if (root / ref / "metrics.json").exists():
+                curves[ref] = load(root / ref)[1]
+        for run in sorted(runs, key=lambda p: (int(p.name.split("-")[1]), p.name)):
+            curves[run.name] = load(run)[1]
+        plot(curves, plot_path, f"autoencoder codec vs FedAvg ({root.name}, decoders counted)")
+        print(f"plot: {plot_path}")
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]))
+    args = sys.argv[1:]
+    out = Path(args[args.index("--plot") + 1]) if "--plot" in args else None
+    main(Path(args[0]), out)
