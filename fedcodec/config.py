@@ -45,9 +45,9 @@ METHODS: dict[str, Method] = {
     "fedmrn-signed-ec": Method("fedmrn", {"mask": "signed", "alpha": 0.005, "entropy": True}, 0.1,
                                "FedMRN signed + range coding of the mask bits"),
 }
-# the autoencoder codec at three latent sizes (chunks of 1024, linear AE, 6-bit latents, BatchNorm coded
-# too), each with and without error feedback. No range coding: for ~1.5k latents its 256-entry count
-# table costs more than it saves
+# the autoencoder codec at three latent sizes (chunks of 1024, linear AE, 6-bit latents; biases and
+# BatchNorm scales/shifts coded too, running statistics as float16), each with and without error
+# feedback. No range coding: for ~1.5k latents its 256-entry count table costs more than it saves
 for _k in (4, 16, 64):
     METHODS[f"ae-{_k}"] = Method("ae", {"latent": _k, "bits": 6}, 0.03,
                                  f"per-client autoencoder, 1024-value chunks -> {_k} latents (Chandar et al.)")

@@ -250,13 +250,19 @@ class AECodec(Codec):
     # -- client: pre-pass and fit ------------------------------------------------------------------
     def prepass(self, ctx: CodecContext) -> Prepass | None:
         state = ctx.state
-        if state is None or KEY + "fingerprint" not in state:
-            return Prepass(self.prepass_epochs or None, self.snapshots)
-        if self.refresh_every and ctx.round - int(state[KEY + "round"]) >= self.refresh_every:
-            return Prepass(self.prepass_epochs or None, self.snapshots)
-        if self.refresh_error and float(state.get(KEY + "error", torch.tensor(0.0))) > self.refresh_error:
-            return Prepass(self.prepass_epochs or None, self.snapshots)
-        return None
+        due = (state is None or KEY + "fingerprint" not in state  # never fitted
+               or (self.refresh_every and ctx.round - int(state[KEY + "round"]) >= self.refresh_every)
+               or (self.refresh_error and float(state.get(KEY + "error", torch.tensor(0.0))) > self.refresh_error))
+        return Prepass(self.prepass_epochs or None, self.snapshots) if due else None
+
+    @staticmethod
+    def _install(store: dict[str, torch.Tensor], tensors: Mapping[str, torch.Tensor], message: bytes) -> None:
+        """Replace the AE entries of ``store`` (a client's or the server's) with ``tensors`` and the
+        fingerprint of the setup ``message`` they came with."""
+        for k in [k for k in store if k.startswith(KEY)]:
+            del store[k]
+        store.update(tensors)
+        store[KEY + "fingerprint"] = torch.from_numpy(np.frombuffer(fingerprint(message), np.uint8).copy())
 
     def _init_layers(self, gen: torch.Generator) -> dict[str, torch.Tensor]:
         params = {}
@@ -292,10 +298,7 @@ class AECodec(Codec):
             recon = self.decode_chunks(params, self.encode_chunks(params, data))
             fit_error = float((recon - data).pow(2).sum().sqrt() / data.pow(2).sum().sqrt().clamp_min(1e-30))
         message = self.decoder_message(params, ctx.spec)
-        for k in [k for k in ctx.state if k.startswith(KEY)]:
-            del ctx.state[k]
-        ctx.state.update(params)
-        ctx.state[KEY + "fingerprint"] = torch.from_numpy(np.frombuffer(fingerprint(message), np.uint8).copy())
+        self._install(ctx.state, params, message)
         ctx.state[KEY + "round"] = torch.tensor(ctx.round, dtype=torch.int64)
         ctx.state[KEY + "error"] = torch.tensor(0.0)
         if ctx.metrics is not None:
@@ -345,10 +348,7 @@ class AECodec(Codec):
             decoder = self.read_decoder(message, ctx.spec)
         except PayloadError as err:
             raise err.for_client(ctx.client) from None
-        for k in [k for k in ctx.state if k.startswith(KEY)]:
-            del ctx.state[k]
-        ctx.state.update(decoder)
-        ctx.state[KEY + "fingerprint"] = torch.from_numpy(np.frombuffer(fingerprint(message), np.uint8).copy())
+        self._install(ctx.state, decoder, message)
 
     # -- rounds ------------------------------------------------------------------------------------
     def _decoder(self, ctx: CodecContext, client_side: bool) -> dict[str, torch.Tensor]:
