@@ -267,6 +267,12 @@ def _cmd_flower(args) -> int:
     return 0 if result.ok else 1
 
 
+def _cmd_neural(args) -> int:
+    from .neural.cli import run
+
+    return run(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedcodec", description="Communication-efficient federated "
                                      "learning with real bitstreams and honest byte accounting.")
@@ -286,13 +292,16 @@ def build_parser() -> argparse.ArgumentParser:
                                    "metrics.json, e.g. after running methods in separate processes.")
     r.add_argument("run_dir", help="a run folder, e.g. runs/fashion-mnist-iid-quick-s0")
     _add_flower(sub)
+    from .neural.cli import add_parser as add_neural
+
+    add_neural(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handler = {"run": _cmd_run, "compare": _cmd_compare, "data": _cmd_data, "codecs": _cmd_codecs,
-               "flower": _cmd_flower, "report": _cmd_report}[args.command]
+               "flower": _cmd_flower, "report": _cmd_report, "neural": _cmd_neural}[args.command]
     try:
         return handler(args)
     except FedcodecError as err:

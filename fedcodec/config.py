@@ -82,6 +82,7 @@ class Config:
     lr: float | None = None  # None: the method's own learning rate
     momentum: float = 0.0
     weight_decay: float = 0.0
+    optimizer: str = "sgd"  # local optimizer: sgd, or adam (its state starts afresh every round)
     # method
     method: str = "fedavg"
     codec_options: dict[str, Any] = field(default_factory=dict)
@@ -120,6 +121,7 @@ class Config:
             (self.local_epochs >= 1, "local_epochs must be >= 1"),
             (self.batch_size >= 2, "batch_size must be >= 2 (BatchNorm needs two samples)"),
             (self.client_lr > 0, "lr must be positive"),
+            (self.optimizer in ("sgd", "adam"), f"optimizer must be sgd or adam, got {self.optimizer!r}"),
             (self.beta > 0, "beta (Dirichlet concentration) must be positive"),
             (self.eval_every >= 1, "eval_every must be >= 1"),
             (self.checkpoint_every >= 1, "checkpoint_every must be >= 1"),

@@ -41,12 +41,15 @@ class ModelSpec:
     tensors: tuple[TensorSpec, ...]
 
     @classmethod
-    def from_model(cls, model: nn.Module) -> "ModelSpec":
-        weights = {id(m.weight) for m in model.modules() if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear))}
+    def from_model(cls, model: nn.Module, local: frozenset[str] | set[str] = frozenset()) -> "ModelSpec":
+        """The model's float tensors, except those named in ``local`` (personalized tensors that
+        stay on each client and never travel)."""
+        weights = {id(m.weight) for m in model.modules()
+                   if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, nn.ConvTranspose2d))}
         specs = [TensorSpec(n, tuple(p.shape), "weight" if id(p) in weights else "param")
-                 for n, p in model.named_parameters()]
+                 for n, p in model.named_parameters() if n not in local]
         specs += [TensorSpec(n, tuple(b.shape), "buffer") for n, b in model.named_buffers()
-                  if b.is_floating_point()]
+                  if b.is_floating_point() and n not in local]
         return cls(tuple(specs))
 
     @property

@@ -7,8 +7,8 @@ both call :func:`client_fit`.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
-from typing import Iterator
+from dataclasses import dataclass, field, replace
+from typing import Iterator, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +29,23 @@ class LocalTraining:
     lr: float
     momentum: float = 0.0
     weight_decay: float = 0.0
+    optimizer: str = "sgd"  # "sgd" or "adam" (its state starts afresh every round)
+
+
+class Task(Protocol):
+    def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, gen: torch.Generator) -> torch.Tensor: ...
+
+
+class Classification:
+    """The default task: cross-entropy of the model's logits. A task supplies the loss that local
+    training minimises; ``gen`` is the round's training generator, for tasks that draw noise
+    (learned compression's additive uniform noise)."""
+
+    def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        return F.cross_entropy(model(x), y)
+
+
+LOCAL = "local/"  # client-store key prefix of a client's personalized tensors
 
 
 @dataclass
@@ -41,9 +58,18 @@ class ClientRuntime:
     uplink: Codec
     downlink: Downlink
     run_seed: int
+    task: Task = field(default_factory=Classification)
+    #: personalized tensors: trained by each client, kept in its store, never sent (the model's
+    #: other tensors make up ``spec``). A client starts from the model's initial values.
+    local: frozenset[str] = frozenset()
 
     def __post_init__(self) -> None:
         self.tensors = dict(self.model.named_parameters()) | dict(self.model.named_buffers())
+        overlap = self.local & set(self.spec.names)
+        if overlap:
+            raise ConfigError(f"tensors {sorted(overlap)} are both local and shared; build the spec with "
+                              "ModelSpec.from_model(model, local=...)")
+        self.local_init = {n: self.tensors[n].detach().clone() for n in sorted(self.local)}
 
     def load(self, params: Update) -> None:
         with torch.no_grad():
@@ -52,6 +78,18 @@ class ClientRuntime:
 
     def snapshot(self) -> Update:
         return {t.name: self.tensors[t.name].detach().clone() for t in self.spec.tensors}
+
+    def load_local(self, state: dict[str, torch.Tensor] | None) -> None:
+        """Load a client's personalized tensors from its store (initial values if it has none yet)."""
+        if not self.local:
+            return
+        if state is None:
+            raise ConfigError("a model with client-local tensors needs the client's store (state=...)")
+        self.load({n: state.get(LOCAL + n, v) for n, v in self.local_init.items()})
+
+    def save_local(self, state: dict[str, torch.Tensor] | None) -> None:
+        if self.local and state is not None:
+            state.update({LOCAL + n: self.tensors[n].detach().clone() for n in self.local_init})
 
 
 def batches(num: int, batch_size: int, gen: torch.Generator) -> Iterator[torch.Tensor]:
@@ -85,7 +123,10 @@ def local_train(rt: ClientRuntime, global_params: Update, x: torch.Tensor, y: to
     if latent:  # a parametrization's latents: their own lr scale, no weight decay (it would pull
         # FedBAT's log step sizes and FedPM's scores toward arbitrary values)
         groups.append({"params": list(latent.values()), "lr": cfg.lr * param.lr_scale, "weight_decay": 0.0})
-    opt = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adam":
+        opt = torch.optim.Adam(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    else:
+        opt = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     total = cfg.epochs * steps_per_epoch(len(x), cfg.batch_size)
     step, last_loss = 0, math.nan
     for _ in range(cfg.epochs):
@@ -93,11 +134,11 @@ def local_train(rt: ClientRuntime, global_params: Update, x: torch.Tensor, y: to
         for idx in batches(len(x), cfg.batch_size, shuffle):
             xb, yb = x[idx], y[idx]
             if param is None:
-                out = model(xb)
+                loss = rt.task.loss(model, xb, yb, shuffle)
             else:
                 deltas = param.deltas(latent, (step + 1) / total)
                 out = functional_call(model, {n: global_params[n] + d for n, d in deltas.items()}, (xb,))
-            loss = F.cross_entropy(out, yb)
+                loss = F.cross_entropy(out, yb)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -141,7 +182,10 @@ def client_fit(rt: ClientRuntime, broadcast: bytes, x: torch.Tensor, y: torch.Te
 
     If the codec asks for a pre-pass (the AE codec, on a client's first selection), the client runs
     it first and ``info["setup"]`` holds the codec's setup message (bytes the server must receive
-    before the payload: the AE's decoder). ``info["codec"]`` holds the codec's metrics."""
+    before the payload: the AE's decoder). ``info["codec"]`` holds the codec's metrics.
+
+    A model with client-local tensors (``rt.local``) trains them from the client's store and puts
+    them back there; only the shared tensors (``rt.spec``) are in the update."""
     global_params = rt.downlink.receive(broadcast, rnd, client, state)
     seed = rngs.derive_seed(rt.run_seed, rnd, rngs.CLIENT_NOISE, client)
     metrics: dict[str, float] = {}
@@ -155,10 +199,16 @@ def client_fit(rt: ClientRuntime, broadcast: bytes, x: torch.Tensor, y: torch.Te
             raise ConfigError(f"codec {rt.uplink.codec_id!r} fits itself on the client and needs the client's "
                               "store (client_fit(..., state=...))")
         gen = rngs.torch_generator(rngs.derive_seed(rt.run_seed, rnd, rngs.PREPASS, client))
+        rt.load_local(state)  # the pre-pass trains them too; its result is discarded
         info["setup"] = rt.uplink.fit(prepass(rt, global_params, x, y, cfg, plan, gen), ctx)
     param = rt.uplink.parametrization(ctx, global_params)
+    if param is not None and rt.local:
+        raise ConfigError(f"codec {rt.uplink.codec_id!r} changes how clients train; it cannot be combined "
+                          "with client-local tensors")
     shuffle = rngs.torch_generator(rngs.derive_seed(rt.run_seed, rnd, rngs.CLIENT_TRAIN, client))
+    rt.load_local(state)
     update, loss = local_train(rt, global_params, x, y, cfg, param, shuffle)
+    rt.save_local(state)
     payload = rt.uplink.encode(update, ctx)
     info["train_loss"] = loss
     info["codec"] = metrics

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 import torch
@@ -47,6 +48,8 @@ class Simulation:
     runtime: ClientRuntime
     parts: list[np.ndarray]
     training: LocalTraining
+    #: the per-round evaluation (params, state) -> record entries; None: test accuracy and loss
+    evaluator: Callable[["Simulation", Update, RunState], dict[str, float]] | None = None
 
     @property
     def spec(self) -> ModelSpec:
@@ -68,9 +71,14 @@ def setup(cfg: Config, source: FederatedSource) -> tuple[Simulation, RunState]:
     kw = {"dirichlet": {"beta": cfg.beta, "min_size": cfg.min_client_size},
           "k-classes": {"k": cfg.classes_per_client}}.get(cfg.partition, {})
     parts = partition(labels, cfg.partition, cfg.num_clients, cfg.seed, **kw)
-    training = LocalTraining(cfg.local_epochs, cfg.batch_size, cfg.client_lr, cfg.momentum, cfg.weight_decay)
+    training = local_training(cfg)
     sim = Simulation(cfg, source, rt, [torch.from_numpy(p) for p in parts], training)
     return sim, RunState(0, dict(initial))
+
+
+def local_training(cfg: Config) -> LocalTraining:
+    return LocalTraining(cfg.local_epochs, cfg.batch_size, cfg.client_lr, cfg.momentum, cfg.weight_decay,
+                         cfg.optimizer)
 
 
 @torch.no_grad()
@@ -142,7 +150,10 @@ def finish_round(sim: Simulation, state: RunState, rnd: int, t0: float, sampled:
         record[key] = float(np.mean([m[key] for m in codec_metrics if key in m]))
     if rnd % cfg.eval_every == 0 or rnd == cfg.rounds:
         t1 = time.perf_counter()
-        record["accuracy"], record["test_loss"] = evaluate(sim, new_params)
+        if sim.evaluator is not None:
+            record.update(sim.evaluator(sim, new_params, state))
+        else:
+            record["accuracy"], record["test_loss"] = evaluate(sim, new_params)
         record["eval_seconds"] = time.perf_counter() - t1
     state.records.append(record)
     state.global_params = new_params

@@ -1,0 +1,242 @@
+"""Federated training of a learned compressor on fedcodec's engine, and its rate-distortion evaluation.
+
+Three ways to train, all through the same engine (:func:`fedcodec.fl.simulation.run_round`, the same
+client and server functions as classification runs), differing only in which tensors are
+client-local:
+
+- ``federated`` (the paper's method): ``g_a``/``g_s`` are averaged (their updates go through any
+  update codec, fp32 by default), the entropy model ``prior.*`` is personalized and never leaves
+  its client;
+- ``global``: everything averaged, one codec for all;
+- ``local``: everything client-local: each client trains its own codec alone with the same local
+  steps (its uplink carries no tensor at all).
+
+``global-ft`` (global codec + a local fit of the entropy model) and newcomers are derived after
+training with :func:`fit_prior`.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from ..codecs import ModelSpec, Update, build_codec
+from ..config import Config
+from ..data import FederatedSource
+from ..errors import ConfigError
+from ..fl import rng as rngs
+from ..fl.client import LOCAL, ClientRuntime, batches
+from ..fl.downlink import Downlink
+from ..fl.simulation import RunState, Simulation, local_training, run_round
+from .codec import Coder
+from .models import NTC, NTCConfig, NTCTask, build_ntc
+from .sources import NeuralSource
+
+MODES = ("federated", "global", "local")
+
+
+@dataclass
+class Settings:
+    rounds: int = 20
+    local_epochs: int = 1
+    batch_size: int = 32
+    lr: float = 2e-3
+    seed: int = 0
+    method: str = "fedavg"  # update codec of the shared transforms (any fedcodec method)
+    codec_options: dict = field(default_factory=dict)
+    finetune_epochs: int = 5  # entropy-model fits (global-ft, newcomers)
+
+    @classmethod
+    def for_source(cls, src: NeuralSource, **overrides) -> "Settings":
+        return cls(**{**src.defaults, **{k: v for k, v in overrides.items() if v is not None}})
+
+
+def local_names(model: NTC, mode: str) -> frozenset[str]:
+    if mode == "federated":
+        return frozenset(model.prior_names())
+    if mode == "global":
+        return frozenset()
+    if mode == "local":
+        return frozenset(n for n, _ in model.named_parameters())
+    raise ConfigError(f"unknown training mode {mode!r}; choose one of {', '.join(MODES)}")
+
+
+@dataclass
+class Trained:
+    """A finished training run: the shared tensors and each client's local tensors."""
+
+    model_cfg: NTCConfig
+    mode: str
+    lmbda: float
+    shared: Update
+    local: list[Update]
+    records: list[dict]
+    uplink_bytes: int
+    uplink_payloads: int
+
+    def model(self, client: int) -> NTC:
+        """Client ``client``'s full model (shared tensors + its personalized ones)."""
+        if not 0 <= client < len(self.local):
+            raise ConfigError(f"client {client} does not exist: this codec has clients 0..{len(self.local) - 1}")
+        m = build_ntc(self.model_cfg, 0)
+        m.load_state_dict({**self.shared, **self.local[client]}, strict=True)
+        return m.eval()
+
+    def save(self, path: Path, meta: dict | None = None) -> None:
+        from safetensors.torch import save_file
+
+        tensors = dict(self.shared)
+        for c, loc in enumerate(self.local):
+            tensors.update({f"client/{c}/{k}": v for k, v in loc.items()})
+        info = {"model": self.model_cfg.__dict__, "mode": self.mode, "lmbda": self.lmbda, "clients": len(self.local),
+                "uplink_bytes": self.uplink_bytes, "uplink_payloads": self.uplink_payloads, **(meta or {})}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(path),
+                  metadata={"format": "fedcodec-neural-1", "info": json.dumps(info)})
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Trained":
+        from safetensors import safe_open
+
+        try:
+            f = safe_open(str(path), framework="pt")
+        except Exception as err:
+            raise ConfigError(f"{path} is not a readable codec file ({err}); train one with 'fedcodec neural train'")
+        with f:
+            meta = f.metadata() or {}
+            if meta.get("format") != "fedcodec-neural-1":
+                raise ConfigError(f"{path} is not a fedcodec neural codec (format {meta.get('format')!r})")
+            info = json.loads(meta["info"])
+            shared, local = {}, [dict() for _ in range(info["clients"])]
+            for k in f.keys():
+                if k.startswith("client/"):
+                    _, c, name = k.split("/", 2)
+                    local[int(c)][name] = f.get_tensor(k)
+                else:
+                    shared[k] = f.get_tensor(k)
+        return cls(NTCConfig(**info["model"]), info["mode"], info["lmbda"], shared, local, [],
+                   info["uplink_bytes"], info["uplink_payloads"])
+
+
+def build_simulation(src: NeuralSource, mode: str, lmbda: float, s: Settings) -> tuple[Simulation, RunState]:
+    model = build_ntc(src.model, s.seed)
+    local = local_names(model, mode)
+    spec = ModelSpec.from_model(model, local=local)
+    k = src.num_clients
+    cfg = Config(seed=s.seed, rounds=s.rounds, num_clients=k, clients_per_round=k, local_epochs=s.local_epochs,
+                 batch_size=s.batch_size, lr=s.lr, optimizer="adam", method=s.method,
+                 codec_options=dict(s.codec_options), eval_every=s.rounds, checkpoint_every=s.rounds).validate()
+    uplink = build_codec(cfg.method_spec().codec, **cfg.uplink_options)
+    tensors = dict(model.named_parameters()) | dict(model.named_buffers())
+    initial = uplink.init_global({t.name: tensors[t.name].detach().clone() for t in spec.tensors}, spec)
+    downlink = Downlink(build_codec("fp32"), False, spec, s.seed, initial)
+    rt = ClientRuntime(model, spec, uplink, downlink, s.seed, task=NTCTask(lmbda), local=local)
+    x = torch.cat(src.train)
+    owners = torch.cat([torch.full((len(t),), c, dtype=torch.int64) for c, t in enumerate(src.train)])
+    fsrc = FederatedSource(src.name, x, owners, x[:1], owners[:1], k, tuple(x.shape[1:]))
+    starts = np.cumsum([0] + [len(t) for t in src.train])
+    parts = [torch.arange(starts[c], starts[c + 1]) for c in range(k)]
+    sim = Simulation(cfg, fsrc, rt, parts, local_training(cfg),
+                     evaluator=lambda sim, params, state: estimate(src, mode, lmbda, params, state, sim))
+    return sim, RunState(0, dict(initial))
+
+
+def client_tensors(sim: Simulation, state: RunState, client: int) -> Update:
+    store = state.client_states.get(client, {})
+    return {n: store.get(LOCAL + n, v).clone() for n, v in sim.runtime.local_init.items()}
+
+
+@torch.no_grad()
+def estimate(src: NeuralSource, mode: str, lmbda: float, params: Update, state: RunState, sim: Simulation) -> dict:
+    """Per-round evaluation: the clients' mean rate estimate (−log2 p of rounded latents) and MSE
+    on their test data (no coding; the final evaluation codes real bytes)."""
+    m = build_ntc(src.model, 0).eval()
+    rates, mses = [], []
+    for c in range(src.num_clients):
+        m.load_state_dict({**params, **client_tensors(sim, state, c)})
+        coder = Coder(m, None)  # estimates need no tables
+        x = src.test[c]
+        sym = coder.quantize(x)
+        rates.append(coder.estimate_bits(sym) / (len(x) * m.pixels(x)))
+        mses.append(float(torch.mean((coder.reconstruct(sym) - x) ** 2)))
+    rate, mse = float(np.mean(rates)), float(np.mean(mses))
+    return {"rate_est": rate, "mse": mse, "test_loss": rate + lmbda * mse}
+
+
+def train(src: NeuralSource, mode: str, lmbda: float, s: Settings, progress: bool = True) -> Trained:
+    """Train ``mode`` at ``lmbda``; every client takes part in every round."""
+    sim, state = build_simulation(src, mode, lmbda, s)
+    bar = tqdm(total=s.rounds, desc=f"{src.name} {mode} λ={lmbda:g}", disable=not progress, unit="round")
+    while state.round < s.rounds:
+        state = run_round(sim, state)
+        bar.set_postfix(loss=f"{state.records[-1]['train_loss']:.3f}")
+        bar.update()
+    bar.close()
+    ups = [e for e in state.ledger.entries if e.direction == "up"]
+    return Trained(src.model, mode, lmbda, {k: v.clone() for k, v in state.global_params.items()},
+                   [client_tensors(sim, state, c) for c in range(src.num_clients)], state.records,
+                   sum(e.nbytes for e in ups), len(ups))
+
+
+def fit_prior(model: NTC, x: torch.Tensor, epochs: int, batch_size: int, lr: float, seed: int) -> NTC:
+    """Fit only the entropy model to ``x`` (transforms frozen): a newcomer's or a fine-tuning step.
+    Returns a new model; ``model`` is left as it was."""
+    m = copy.deepcopy(model).train()
+    for n, p in m.named_parameters():
+        p.requires_grad_(n.startswith("prior."))
+    opt = torch.optim.Adam(m.prior.parameters(), lr=lr)
+    gen = rngs.torch_generator(seed)
+    with torch.no_grad():
+        y = m.g_a(x)  # frozen analysis: its output does not change
+    for _ in range(epochs):
+        for idx in batches(len(y), batch_size, gen):
+            yb = y[idx]
+            noisy = yb + torch.rand(yb.shape, generator=gen) - 0.5
+            loss = -torch.log2(m.prior.likelihood(noisy)).sum() / len(idx)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    for p in m.parameters():
+        p.requires_grad_(True)
+    return m.eval()
+
+
+def average_prior(models: list[NTC]) -> dict[str, torch.Tensor]:
+    """The parameter mean of several clients' entropy models (what a server could offer a newcomer)."""
+    names = models[0].prior_names()
+    params = [dict(m.named_parameters()) for m in models]
+    return {n: torch.stack([p[n].detach() for p in params]).mean(0) for n in names}
+
+
+@torch.no_grad()
+def rd_point(model: NTC, data: list[torch.Tensor] | torch.Tensor) -> dict:
+    """Code ``data`` (a batch, one stream; or a list of batches, one stream each) to real bytes and
+    back: rate from the bytes, the model's estimate, MSE."""
+    coder = Coder.of(model)
+    items = data if isinstance(data, list) else [data]
+    nbytes, est, se, n_el, units = 0, 0.0, 0.0, 0, 0
+    for x in items:
+        blob, x_hat, bits = coder.code_batch(x)
+        nbytes += len(blob)
+        est += bits
+        se += float(((x_hat - x) ** 2).double().sum())
+        n_el += x.numel()
+        units += len(x) * model.pixels(x)
+    mse = se / n_el
+    return {"rate": 8 * nbytes / units, "rate_est": est / units, "mse": mse, "bytes": nbytes,
+            "psnr": 10 * math.log10(1.0 / mse) if mse > 0 else math.inf}
+
+
+def mean_point(points: list[dict]) -> dict:
+    """Clients' points averaged with equal weight (rates and MSEs; PSNR of the mean MSE)."""
+    out = {k: float(np.mean([p[k] for p in points])) for k in ("rate", "rate_est", "mse")}
+    out["bytes"] = int(sum(p["bytes"] for p in points))
+    out["psnr"] = 10 * math.log10(1.0 / out["mse"])
+    return out

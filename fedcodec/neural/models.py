@@ -1,0 +1,148 @@
+"""Nonlinear transform coding models: analysis ``g_a``, synthesis ``g_s``, a factorized prior.
+
+Parameter names split the model the way federated training needs it: ``g_a.*`` and ``g_s.*`` are
+the shared transforms, ``prior.*`` the entropy model that each client personalizes
+(:data:`PRIOR_PREFIX`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..errors import ConfigError
+from .entropy import FactorizedPrior
+
+PRIOR_PREFIX = "prior."
+
+
+class GDN(nn.Module):
+    """Generalized divisive normalization (Ballé et al. 2016): ``x / sqrt(beta + gamma · x²)`` over
+    channels; the inverse (IGDN, for synthesis) multiplies instead. ``beta`` and ``gamma`` are kept
+    non-negative by squaring a bounded parameter."""
+
+    def __init__(self, channels: int, inverse: bool = False, gamma_init: float = 0.1):
+        super().__init__()
+        self.inverse = inverse
+        self.pedestal = 2.0 ** -18
+        self.beta = nn.Parameter(torch.sqrt(torch.ones(channels) + self.pedestal))
+        self.gamma = nn.Parameter(torch.sqrt(gamma_init * torch.eye(channels) + self.pedestal))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        floor = math.sqrt(self.pedestal)
+        beta = self.beta.clamp_min(math.sqrt(1e-6 + self.pedestal)) ** 2 - self.pedestal
+        gamma = self.gamma.clamp_min(floor) ** 2 - self.pedestal
+        c = x.shape[1]
+        norm = nn.functional.conv2d(x * x, gamma.reshape(c, c, 1, 1), beta)
+        return x * torch.sqrt(norm) if self.inverse else x * torch.rsqrt(norm)
+
+
+@dataclass(frozen=True)
+class NTCConfig:
+    """The architecture, enough to rebuild a model: ``kind`` "vector" (MLPs on ``dim``-vectors) or
+    "image" (conv/GDN on ``dim``-channel images, ``downs`` stride-2 stages)."""
+
+    kind: str
+    dim: int
+    latent: int
+    hidden: int = 64
+    downs: int = 2
+
+    def validate(self) -> "NTCConfig":
+        if self.kind not in ("vector", "image"):
+            raise ConfigError(f"model kind must be vector or image, got {self.kind!r}")
+        if min(self.dim, self.latent, self.hidden, self.downs) < 1:
+            raise ConfigError(f"model sizes must be >= 1: {self}")
+        return self
+
+
+class NTC(nn.Module):
+    """Nonlinear transform coding model; ``forward`` is the training pass with uniform noise."""
+
+    def __init__(self, cfg: NTCConfig):
+        super().__init__()
+        self.cfg = cfg.validate()
+        h, k = cfg.hidden, cfg.latent
+        if cfg.kind == "vector":
+            self.g_a = nn.Sequential(nn.Linear(cfg.dim, h), nn.Softplus(), nn.Linear(h, h), nn.Softplus(),
+                                     nn.Linear(h, k))
+            self.g_s = nn.Sequential(nn.Linear(k, h), nn.Softplus(), nn.Linear(h, h), nn.Softplus(),
+                                     nn.Linear(h, cfg.dim))
+        else:
+            down, up = [], []
+            for i in range(cfg.downs):
+                last = i == cfg.downs - 1
+                down.append(nn.Conv2d(cfg.dim if i == 0 else h, k if last else h, 5, stride=2, padding=2))
+                if not last:
+                    down.append(GDN(h))
+                up.append(nn.ConvTranspose2d(k if i == 0 else h, cfg.dim if last else h, 5, stride=2, padding=2,
+                                             output_padding=1))
+                if not last:
+                    up.append(GDN(h, inverse=True))
+            self.g_a, self.g_s = nn.Sequential(*down), nn.Sequential(*up)
+        self.prior = FactorizedPrior(k)
+
+    @property
+    def multiple(self) -> int:
+        """Image sides must be multiples of this (1 for vectors)."""
+        return 2 ** self.cfg.downs if self.cfg.kind == "image" else 1
+
+    def pixels(self, x: torch.Tensor) -> int:
+        """What the rate is normalised by, per sample: pixels of an image, 1 for a vector."""
+        return int(x.shape[-1] * x.shape[-2]) if self.cfg.kind == "image" else 1
+
+    def forward(self, x: torch.Tensor, gen: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        y = self.g_a(x)
+        y_tilde = y + (torch.rand(y.shape, generator=gen, dtype=y.dtype) - 0.5)
+        return self.g_s(y_tilde), self.prior.likelihood(y_tilde)
+
+    def rd(self, x: torch.Tensor, lmbda: float, gen: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+        """Rate (bits per pixel, or per vector), MSE and loss = rate + λ·MSE under the noise proxy."""
+        x_hat, lik = self(x, gen)
+        rate = -torch.log2(lik).sum() / (x.shape[0] * self.pixels(x))
+        mse = torch.mean((x_hat - x) ** 2)
+        return {"rate": rate, "mse": mse, "loss": rate + lmbda * mse}
+
+    def shared_names(self) -> list[str]:
+        return [n for n, _ in self.named_parameters() if not n.startswith(PRIOR_PREFIX)]
+
+    def prior_names(self) -> list[str]:
+        return [n for n, _ in self.named_parameters() if n.startswith(PRIOR_PREFIX)]
+
+    def transform_fingerprint(self) -> bytes:
+        """8 bytes identifying the synthesis transform (what a decoder must hold)."""
+        h = hashlib.blake2b(digest_size=8)
+        h.update(repr(sorted(asdict(self.cfg).items())).encode())
+        for name, p in self.g_s.named_parameters():
+            h.update(name.encode() + p.detach().contiguous().numpy().astype("<f4").tobytes())
+        return h.digest()
+
+
+class NTCTask:
+    """The engine's task for learned compression: loss = rate + λ·MSE with uniform noise drawn from
+    the round's training generator (labels are ignored)."""
+
+    def __init__(self, lmbda: float):
+        self.lmbda = lmbda
+
+    def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        return model.rd(x, self.lmbda, gen)["loss"]
+
+
+def build_ntc(cfg: NTCConfig, seed: int) -> NTC:
+    """The model of ``cfg`` initialised from ``seed`` alone (the global torch RNG is left as it was)."""
+    state = torch.random.get_rng_state()
+    try:
+        torch.manual_seed(seed)
+        return NTC(cfg)
+    finally:
+        torch.random.set_rng_state(state)
+
+
+def as_numpy(t: torch.Tensor) -> np.ndarray:
+    return t.detach().contiguous().numpy()

@@ -1,0 +1,224 @@
+"""Federated neural compression: real bitstreams, file format, personalized entropy models."""
+
+from __future__ import annotations
+
+import struct
+
+import numpy as np
+import pytest
+import torch
+
+from fedcodec.cli import main
+from fedcodec.errors import ConfigError, PayloadError
+from fedcodec.fl import server as server_mod
+from fedcodec.neural.codec import Coder, CodecFileError
+from fedcodec.neural.entropy import FactorizedPrior
+from fedcodec.neural.federated import (Settings, Trained, build_simulation, fit_prior, rd_point, train)
+from fedcodec.neural.models import NTCConfig, build_ntc
+from fedcodec.neural.sources import NeuralSource, synthetic_source
+
+VEC = NTCConfig("vector", 16, latent=4, hidden=32)
+IMG = NTCConfig("image", 3, latent=8, hidden=8, downs=2)
+
+
+def _trained_vector(steps: int = 150, seed: int = 0):
+    torch.manual_seed(seed)
+    m = build_ntc(VEC, seed)
+    src = synthetic_source(clients=1, newcomers=0, n_train=512, n_test=2000)
+    x = src.train[0]
+    opt = torch.optim.Adam(m.parameters(), 5e-3)
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        idx = torch.randint(0, len(x), (64,), generator=gen)
+        loss = m.rd(x[idx], 100.0, gen)["loss"]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return m.eval(), src.test[0]
+
+
+@pytest.fixture(scope="module")
+def vector_model():
+    return _trained_vector()
+
+
+def test_range_coding_is_bit_exact_including_escapes():
+    prior = FactorizedPrior(3)
+    tables = prior.tables()
+    rng = np.random.default_rng(0)
+    sym = rng.integers(-4, 5, size=(50, 3, 4, 4))
+    sym[0, 0, 0, 0], sym[1, 2, 3, 3], sym[2, 1, 0, 1] = 30000, -32768, 700  # far outside the support
+    data = tables.encode(sym)
+    assert np.array_equal(tables.decode(data, sym.shape), sym)
+
+
+def test_rate_from_bytes_matches_the_model_estimate(vector_model):
+    model, x = vector_model
+    data, x_hat, est = Coder.of(model).code_batch(x)
+    bits = 8 * len(data)
+    assert est > 1000  # a real amount of information, so 1% is meaningful
+    assert abs(bits - est) <= 0.01 * est + 64, (bits, est)
+    assert float(((x_hat - x) ** 2).mean()) < float(x.var())  # it reconstructs something
+
+
+def test_tables_fingerprint_tracks_the_entropy_model(vector_model):
+    model, _ = vector_model
+    a = Coder.of(model).tables
+    assert a.fingerprint == model.prior.tables().fingerprint  # deterministic
+    with torch.no_grad():
+        model_b = build_ntc(VEC, 0)
+        model_b.load_state_dict(model.state_dict())
+        model_b.prior.biases[0][0, 0, 0] += 0.5
+    assert Coder.of(model_b).tables.fingerprint != a.fingerprint
+
+
+def test_file_round_trip_and_rejections(vector_model):
+    model, x = vector_model
+    coder = Coder.of(model)
+    arr = x[:100].numpy()
+    blob = coder.compress(arr)
+    back, kind = coder.decompress(blob)
+    _, expect, _ = coder.code_batch(x[:100])
+    assert kind == "array" and back.shape == arr.shape
+    assert np.array_equal(back, expect.numpy())
+    # another client's entropy model: same transforms, different prior
+    other = build_ntc(VEC, 0)
+    other.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        other.prior.biases[-1].add_(0.3)
+    with pytest.raises(CodecFileError, match="another entropy model") as err:
+        Coder.of(other).decompress(blob)
+    assert err.value.reason == "entropy-mismatch"
+    with pytest.raises(CodecFileError) as err:
+        Coder.of(build_ntc(VEC, 1)).decompress(blob)
+    assert err.value.reason == "model-mismatch"
+    for pos in (5, 30, len(blob) // 2, len(blob) - 3):  # any flipped byte is caught
+        bad = bytearray(blob)
+        bad[pos] ^= 0x40
+        with pytest.raises(CodecFileError):
+            coder.decompress(bytes(bad))
+    with pytest.raises(CodecFileError):
+        coder.decompress(blob[:-20])
+    with pytest.raises(CodecFileError, match="magic"):
+        coder.decompress(b"PK\x03\x04" + blob[4:])
+
+
+def test_huge_declared_shape_is_refused_before_allocating(vector_model):
+    import hashlib
+
+    model, x = vector_model
+    coder = Coder.of(model)
+    blob = coder.compress(x[:10].numpy())
+    body = bytearray(blob[:-8])
+    struct.pack_into("<2I", body, 23, 2_000_000_000, 16)  # data shape (N, 16), N absurd
+    forged = bytes(body) + hashlib.blake2b(bytes(body), digest_size=8).digest()
+    with pytest.raises(CodecFileError) as err:
+        coder.decompress(forged)
+    assert err.value.reason in ("size", "shape")
+
+
+def test_image_file_of_any_size_round_trips():
+    model = build_ntc(IMG, 0).eval()
+    coder = Coder.of(model)
+    img = np.random.default_rng(0).random((3, 21, 30), dtype=np.float32)  # not multiples of 4
+    back, kind = coder.decompress(coder.compress(img, "image"))
+    assert kind == "image" and back.shape == img.shape
+
+
+def _tiny_source() -> NeuralSource:
+    src = synthetic_source(clients=3, newcomers=1, n_train=40, n_test=50)
+    src.model = NTCConfig("vector", 16, latent=3, hidden=16)
+    return src
+
+
+def test_personalized_prior_never_reaches_the_server(monkeypatch):
+    src = _tiny_source()
+    s = Settings(rounds=2, local_epochs=1, batch_size=16, lr=1e-2)
+    seen: list[dict] = []
+    real = server_mod.server_round
+
+    def spy(uplink, spec, global_params, rnd, payloads, *a, **kw):
+        for client, (data, _) in payloads.items():
+            seen.append({"client": client, "bytes": data,
+                         "decoded": uplink.decode(data, server_mod.CodecContext(spec, client=client, round=rnd,
+                                                                              reference=global_params))})
+        return real(uplink, spec, global_params, rnd, payloads, *a, **kw)
+
+    monkeypatch.setattr("fedcodec.fl.simulation.server_round", spy)
+    sim, state = build_simulation(src, "federated", 100.0, s)
+    from fedcodec.fl.simulation import run_round
+
+    for _ in range(2):
+        state = run_round(sim, state)
+    prior_names = {n for n in build_ntc(src.model, 0).prior_names()}
+    assert prior_names and not prior_names & set(sim.spec.names)
+    assert not prior_names & set(state.global_params)
+    shared_numel = sim.spec.numel()
+    assert len(seen) == 6
+    for item in seen:
+        assert set(item["decoded"]) == set(sim.spec.names)
+        assert len(item["bytes"]) < 4 * shared_numel + 64  # fp32 of the shared tensors + header, nothing more
+        assert len(item["bytes"]) >= 4 * shared_numel
+    # each client's entropy model lives in its own store and they differ
+    priors = [state.client_states[c]["local/prior.biases.0"] for c in range(3)]
+    assert not torch.equal(priors[0], priors[1])
+
+
+def test_modes_and_determinism():
+    src = _tiny_source()
+    s = Settings(rounds=2, local_epochs=1, batch_size=16, lr=1e-2)
+    a = train(src, "federated", 100.0, s, progress=False)
+    b = train(src, "federated", 100.0, s, progress=False)
+    for k in a.shared:
+        assert torch.equal(a.shared[k], b.shared[k])
+    for la, lb in zip(a.local, b.local):
+        assert all(torch.equal(la[k], lb[k]) for k in la)
+    g = train(src, "global", 100.0, s, progress=False)
+    assert any(k.startswith("prior.") for k in g.shared) and not g.local[0]
+    loc = train(src, "local", 100.0, s, progress=False)
+    assert not loc.shared and loc.uplink_bytes < 100 * loc.uplink_payloads  # headers only: nothing shared
+    assert a.uplink_bytes > 10 * loc.uplink_bytes
+    with pytest.raises(ConfigError):
+        train(src, "everything", 100.0, s, progress=False)
+
+
+def test_fit_prior_changes_only_the_entropy_model_and_lowers_the_rate(vector_model):
+    model, x = vector_model
+    shifted = x * 0.5 + 0.2  # a newcomer with a different latent law
+    fitted = fit_prior(model, shifted[:512], epochs=20, batch_size=64, lr=1e-2, seed=0)
+    before, after = dict(model.named_parameters()), dict(fitted.named_parameters())
+    for n in model.shared_names():
+        assert torch.equal(before[n], after[n])
+    assert any(not torch.equal(before[n], after[n]) for n in model.prior_names())
+    r0, r1 = rd_point(model, shifted[512:]), rd_point(fitted, shifted[512:])
+    assert r1["mse"] == r0["mse"] and r1["rate"] < r0["rate"]
+
+
+def test_cli_compress_decompress(tmp_path, vector_model, capsys):
+    model, x = vector_model
+    other = build_ntc(VEC, 0)
+    other.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        other.prior.biases[-1].add_(0.3)
+    shared = {k: v for k, v in model.state_dict().items() if not k.startswith("prior.")}
+    priors = [{k: v for k, v in m.state_dict().items() if k.startswith("prior.")} for m in (model, other)]
+    Trained(VEC, "federated", 100.0, shared, priors, [], 0, 0).save(tmp_path / "codec.safetensors")
+    np.save(tmp_path / "x.npy", x[:64].numpy())
+    codec = str(tmp_path / "codec.safetensors")
+    assert main(["neural", "compress", str(tmp_path / "x.npy"), "-o", str(tmp_path / "x.fcn"),
+                 "--codec", codec, "--client", "0"]) == 0
+    assert main(["neural", "decompress", str(tmp_path / "x.fcn"), "-o", str(tmp_path / "y.npy"),
+                 "--codec", codec, "--client", "0"]) == 0
+    y = np.load(tmp_path / "y.npy")
+    assert y.shape == (64, 16) and float(np.mean((y - x[:64].numpy()) ** 2)) < float(x.var())
+    capsys.readouterr()
+    assert main(["neural", "decompress", str(tmp_path / "x.fcn"), "-o", str(tmp_path / "z.npy"),
+                 "--codec", codec, "--client", "1"]) == 2
+    assert "another entropy model" in capsys.readouterr().err
+    assert not (tmp_path / "z.npy").exists()
+    assert main(["neural", "compress", str(tmp_path / "x.npy"), "-o", str(tmp_path / "w.fcn"),
+                 "--codec", codec, "--client", "7"]) == 2
+
+
+def test_payload_error_is_the_base():
+    assert issubclass(CodecFileError, PayloadError)
