@@ -222,3 +222,25 @@ def test_cli_compress_decompress(tmp_path, vector_model, capsys):
 
 def test_payload_error_is_the_base():
     assert issubclass(CodecFileError, PayloadError)
+
+
+def test_sweep_writes_results_bd_rates_and_plot_and_resumes(tmp_path):
+    from fedcodec.neural.experiment import run_sweep
+
+    out = tmp_path / "syn"
+    kw = dict(rounds=1, local_epochs=1, batch_size=50, finetune_epochs=1)
+    result = run_sweep("synthetic", [30.0, 1000.0], ["federated", "global", "local"], out, progress=False, **kw)
+    assert set(result["curves"]) == {"30", "1000"}
+    for entry in result["curves"].values():
+        for name in ("federated", "federated+fit", "global", "global+ft", "local", "newcomer: own prior"):
+            p = entry[name]
+            clients = 2 if name.startswith("newcomer") else 10  # 1000 test vectors each
+            assert p["bytes"] > 0 and p["rate"] == pytest.approx(8 * p["bytes"] / clients / 1000)
+    text = (out / "results.md").read_text()
+    assert "| local | federated |" in text and (out / "rd.png").stat().st_size > 1000
+    stamp = (out / "federated-l30" / "codec.safetensors").stat().st_mtime_ns
+    again = run_sweep("synthetic", [30.0, 1000.0], ["federated", "global", "local"], out, progress=False, **kw)
+    assert (out / "federated-l30" / "codec.safetensors").stat().st_mtime_ns == stamp  # not retrained
+    assert again["curves"]["30"]["federated"] == result["curves"]["30"]["federated"]
+    with pytest.raises(ConfigError, match="other settings"):
+        run_sweep("synthetic", [30.0], ["federated"], out, progress=False, rounds=2, local_epochs=1)

@@ -118,8 +118,8 @@ def photo_source(folder: str | None = None, crops: int = 192, size: int = 64, ho
             for name, img in photos.holdout]
     k = len(train) - newcomers
     return NeuralSource("photos", train[:k], test[:k], train[k:], test[k:], model,
-                        (30.0, 100.0, 300.0, 1000.0), holdout=held, rate_unit="bpp",
-                        defaults={"rounds": 16, "local_epochs": 1, "batch_size": 16, "lr": 2e-3})
+                        (100.0, 400.0, 1600.0), holdout=held, rate_unit="bpp",
+                        defaults={"rounds": 12, "local_epochs": 1, "batch_size": 16, "lr": 2e-3})
 
 
 def load_source(name: str, data_dir: str | None = None, seed: int = 0, allow_subset: bool = False) -> NeuralSource:
