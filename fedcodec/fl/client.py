@@ -79,13 +79,17 @@ class ClientRuntime:
     def snapshot(self) -> Update:
         return {t.name: self.tensors[t.name].detach().clone() for t in self.spec.tensors}
 
+    def local_tensors(self, state: dict[str, torch.Tensor]) -> Update:
+        """A client's personalized tensors as its store holds them (initial values if it has none yet)."""
+        return {n: state.get(LOCAL + n, v) for n, v in self.local_init.items()}
+
     def load_local(self, state: dict[str, torch.Tensor] | None) -> None:
-        """Load a client's personalized tensors from its store (initial values if it has none yet)."""
+        """Load a client's personalized tensors from its store into the model."""
         if not self.local:
             return
         if state is None:
             raise ConfigError("a model with client-local tensors needs the client's store (state=...)")
-        self.load({n: state.get(LOCAL + n, v) for n, v in self.local_init.items()})
+        self.load(self.local_tensors(state))
 
     def save_local(self, state: dict[str, torch.Tensor] | None) -> None:
         if self.local and state is not None:

@@ -73,7 +73,7 @@ class Coder:
         return data, self.reconstruct(back), self.estimate_bits(sym)
 
     # ---- files ---------------------------------------------------------------------------------
-    def _prepare(self, data: np.ndarray, kind: str) -> torch.Tensor:
+    def _prepare(self, data: np.ndarray) -> torch.Tensor:
         x = torch.from_numpy(np.ascontiguousarray(data, np.float32))
         if self.model.cfg.kind == "vector":
             if x.shape[-1] != self.model.cfg.dim:
@@ -101,7 +101,7 @@ class Coder:
 
     def compress(self, data: np.ndarray, kind: str = "array") -> bytes:
         """A whole array (an image as (C, H, W) in [0, 1], or vectors (..., dim)) → file bytes."""
-        x = self._prepare(data, kind)
+        x = self._prepare(data)
         sym = self.quantize(x)
         stream = self.tables.encode(sym)
         head = MAGIC + bytes([VERSION, KINDS[kind]]) + self.model.transform_fingerprint() + self.tables.fingerprint

@@ -16,7 +16,6 @@ Curves (each point: clients' mean rate from real bytes, and mean MSE):
 from __future__ import annotations
 
 import json
-import logging
 import time
 from pathlib import Path
 
@@ -27,8 +26,6 @@ from .bdrate import bd_rate
 from .federated import (MODES, Settings, Trained, average_prior, fit_prior, mean_point, rd_point, train)
 from .models import NTC
 from .sources import NeuralSource, load_source
-
-log = logging.getLogger("fedcodec.neural")
 
 # BD-rate comparisons reported: (anchor, test); negative = test needs fewer bits at equal MSE
 COMPARISONS = [("local", "federated"), ("local", "federated+fit"), ("global", "federated"),

@@ -32,7 +32,7 @@ from ..config import Config
 from ..data import FederatedSource
 from ..errors import ConfigError
 from ..fl import rng as rngs
-from ..fl.client import LOCAL, ClientRuntime, batches
+from ..fl.client import ClientRuntime, batches
 from ..fl.downlink import Downlink
 from ..fl.simulation import RunState, Simulation, local_training, run_round
 from .codec import Coder
@@ -149,8 +149,7 @@ def build_simulation(src: NeuralSource, mode: str, lmbda: float, s: Settings) ->
 
 
 def client_tensors(sim: Simulation, state: RunState, client: int) -> Update:
-    store = state.client_states.get(client, {})
-    return {n: store.get(LOCAL + n, v).clone() for n, v in sim.runtime.local_init.items()}
+    return {n: v.clone() for n, v in sim.runtime.local_tensors(state.client_states.get(client, {})).items()}
 
 
 @torch.no_grad()
