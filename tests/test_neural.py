@@ -244,3 +244,23 @@ def test_sweep_writes_results_bd_rates_and_plot_and_resumes(tmp_path):
     assert again["curves"]["30"]["federated"] == result["curves"]["30"]["federated"]
     with pytest.raises(ConfigError, match="other settings"):
         run_sweep("synthetic", [30.0], ["federated"], out, progress=False, rounds=2, local_epochs=1)
+
+
+def test_damaged_codec_file_is_refused_before_allocating(tmp_path):
+    import json
+
+    from safetensors.torch import save_file
+
+    good = {"model": VEC.__dict__, "mode": "federated", "lmbda": 1.0, "clients": 1, "uplink_bytes": 0,
+            "uplink_payloads": 0}
+    cases = [{**good, "clients": 10**12}, {k: v for k, v in good.items() if k != "mode"},
+             {**good, "model": {"kind": "vector"}}, {**good, "clients": 0}]
+    for i, info in enumerate(cases):
+        path = tmp_path / f"c{i}.safetensors"
+        save_file({"client/0/prior.x": torch.zeros(1)}, str(path),
+                  metadata={"format": "fedcodec-neural-1", "info": json.dumps(info)})
+        with pytest.raises(ConfigError, match="damaged"):
+            Trained.load(path)
+    (tmp_path / "junk.safetensors").write_bytes(b"\x00" * 40)
+    with pytest.raises(ConfigError):
+        Trained.load(tmp_path / "junk.safetensors")

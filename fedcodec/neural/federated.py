@@ -113,16 +113,25 @@ class Trained:
             meta = f.metadata() or {}
             if meta.get("format") != "fedcodec-neural-1":
                 raise ConfigError(f"{path} is not a fedcodec neural codec (format {meta.get('format')!r})")
-            info = json.loads(meta["info"])
-            shared, local = {}, [dict() for _ in range(info["clients"])]
-            for k in f.keys():
-                if k.startswith("client/"):
-                    _, c, name = k.split("/", 2)
-                    local[int(c)][name] = f.get_tensor(k)
-                else:
-                    shared[k] = f.get_tensor(k)
-        return cls(NTCConfig(**info["model"]), info["mode"], info["lmbda"], shared, local, [],
-                   info["uplink_bytes"], info["uplink_payloads"])
+            try:
+                info = json.loads(meta["info"])
+                keys = list(f.keys())
+                clients = info["clients"]
+                if not isinstance(clients, int) or not 0 <= clients <= len(keys):  # before allocating per client
+                    raise ValueError(f"it declares {clients!r} clients for {len(keys)} tensors")
+                shared, local = {}, [dict() for _ in range(clients)]
+                for k in keys:
+                    if k.startswith("client/"):
+                        _, c, name = k.split("/", 2)
+                        if not 0 <= int(c) < clients:
+                            raise ValueError(f"tensor {k!r} belongs to no declared client")
+                        local[int(c)][name] = f.get_tensor(k)
+                    else:
+                        shared[k] = f.get_tensor(k)
+                return cls(NTCConfig(**info["model"]).validate(), info["mode"], info["lmbda"], shared, local, [],
+                           info["uplink_bytes"], info["uplink_payloads"])
+            except (KeyError, ValueError, TypeError) as err:
+                raise ConfigError(f"{path} is a damaged fedcodec neural codec ({err}); train it again") from None
 
 
 def build_simulation(src: NeuralSource, mode: str, lmbda: float, s: Settings) -> tuple[Simulation, RunState]:
