@@ -82,7 +82,8 @@ class Config:
     lr: float | None = None  # None: the method's own learning rate
     momentum: float = 0.0
     weight_decay: float = 0.0
-    optimizer: str = "sgd"  # local optimizer: sgd, or adam (its state starts afresh every round)
+    optimizer: str = "sgd"  # local optimizer: sgd or adam
+    keep_optimizer_state: bool = False  # a client keeps its optimizer state between rounds (else afresh)
     # method
     method: str = "fedavg"
     codec_options: dict[str, Any] = field(default_factory=dict)

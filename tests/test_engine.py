@@ -214,3 +214,45 @@ def test_finite_but_huge_updates_cannot_overflow_the_model():
     _, bounded = server_round(codec, spec, {t.name: torch.zeros(t.shape) for t in spec.tensors}, 1,
                               {0: (big, 1.0)}, max_update_norm=10.0)
     assert "(norm)" in bounded.rejected[0]
+
+
+def test_kept_optimizer_state_stays_on_the_client_and_survives_a_checkpoint(tmp_path, recorded):
+    from fedcodec.fl import checkpoint
+
+    cfg = small_config(optimizer="adam", lr=1e-3, keep_optimizer_state=True, clients_per_round=8, rounds=3)
+    sim, state = run(cfg)
+    steps = math.ceil(len(sim.parts[0]) / cfg.batch_size)  # one epoch a round
+    store = state.client_states[0]
+    kept = {k for k in store if k.startswith("optim/")}
+    assert kept == {f"optim/{t.name}/{key}" for t in sim.spec.tensors if t.role != "buffer"
+                    for key in ("step", "exp_avg", "exp_avg_sq")}
+    assert int(store[f"optim/{sim.spec.tensors[0].name}/step"]) == 3 * steps  # one Adam run across rounds
+    # never sent: the uplink payloads are exactly as long as those of a run that starts afresh each round
+    kept_sizes = [len(p) for *_, p in recorded]
+    recorded.clear()
+    _, fresh = run(small_config(optimizer="adam", lr=1e-3, clients_per_round=8, rounds=3))
+    assert [len(p) for *_, p in recorded] == kept_sizes
+    assert not any(k.startswith("optim/") for s in fresh.client_states.values() for k in s)
+    assert not all(torch.equal(state.global_params[k], fresh.global_params[k]) for k in fresh.global_params)
+    # resume after round 2 from a checkpoint: bit-identical to the uninterrupted run
+    sim2, part = setup(cfg, SOURCE)
+    for _ in range(2):
+        part = run_round(sim2, part)
+    checkpoint.save(tmp_path / "c.safetensors", cfg.to_dict(), part)
+    back = checkpoint.load(tmp_path / "c.safetensors", cfg.to_dict())
+    back = run_round(sim2, back)
+    assert all(torch.equal(back.global_params[k], state.global_params[k]) for k in state.global_params)
+
+
+def test_kept_optimizer_state_refuses_a_changed_model():
+    from fedcodec.fl.client import OPTIM, restore_optimizer
+
+    p = torch.nn.Parameter(torch.zeros(3))
+    opt = torch.optim.Adam([p])
+    with pytest.raises(ConfigError, match="model changed"):
+        restore_optimizer(opt, {"w": p}, {f"{OPTIM}w/exp_avg": torch.zeros(4)})
+
+
+def test_kept_optimizer_state_is_refused_for_codecs_that_change_training():
+    with pytest.raises(ConfigError, match="cannot keep the optimizer state"):
+        run(small_config("fedmrn-binary", keep_optimizer_state=True, rounds=1))

@@ -29,7 +29,10 @@ class LocalTraining:
     lr: float
     momentum: float = 0.0
     weight_decay: float = 0.0
-    optimizer: str = "sgd"  # "sgd" or "adam" (its state starts afresh every round)
+    optimizer: str = "sgd"  # "sgd" or "adam"
+    #: keep the optimizer's state (Adam's moments, SGD's momentum buffer) in the client's store from
+    #: one round to the next instead of starting it afresh (plain training only; never sent)
+    keep_state: bool = False
 
 
 class Task(Protocol):
@@ -46,6 +49,29 @@ class Classification:
 
 
 LOCAL = "local/"  # client-store key prefix of a client's personalized tensors
+OPTIM = "optim/"  # client-store key prefix of its kept optimizer state
+
+
+def restore_optimizer(opt: torch.optim.Optimizer, params: dict[str, nn.Parameter],
+                      state: dict[str, torch.Tensor]) -> None:
+    """Give ``opt`` the per-parameter state kept in a client's store (nothing on a first round)."""
+    for name, p in params.items():
+        prefix = f"{OPTIM}{name}/"
+        kept = {k[len(prefix):]: v.clone() for k, v in state.items() if k.startswith(prefix)}
+        for key, value in kept.items():
+            if value.dim() and value.shape != p.shape:
+                raise ConfigError(f"the kept optimizer state {prefix}{key} has shape {tuple(value.shape)}, the "
+                                  f"parameter {tuple(p.shape)}: the model changed; start a new run")
+        if kept:
+            opt.state[p] = kept
+
+
+def keep_optimizer(opt: torch.optim.Optimizer, params: dict[str, nn.Parameter],
+                   state: dict[str, torch.Tensor]) -> None:
+    for name, p in params.items():
+        for key, value in opt.state.get(p, {}).items():
+            if isinstance(value, torch.Tensor):
+                state[f"{OPTIM}{name}/{key}"] = value.detach().clone()
 
 
 @dataclass
@@ -113,17 +139,19 @@ def steps_per_epoch(num: int, batch_size: int) -> int:
 
 def local_train(rt: ClientRuntime, global_params: Update, x: torch.Tensor, y: torch.Tensor,
                 cfg: LocalTraining, param: Parametrization | None, shuffle: torch.Generator,
-                snapshots: list[Update] | None = None, snapshot_steps: frozenset[int] = frozenset()
-                ) -> tuple[Update, float]:
+                snapshots: list[Update] | None = None, snapshot_steps: frozenset[int] = frozenset(),
+                store: dict[str, torch.Tensor] | None = None) -> tuple[Update, float]:
     """Train from ``global_params`` on (x, y); return the update and the mean loss of the last epoch.
     After each step whose number (1-based) is in ``snapshot_steps``, the update so far is appended
-    to ``snapshots`` (a codec's pre-pass; plain training only)."""
+    to ``snapshots`` (a codec's pre-pass; plain training only). With ``cfg.keep_state`` the optimizer
+    starts from the state kept in ``store`` and leaves its new state there."""
     rt.load(global_params)
     model = rt.model
     model.train()
     latent = param.init() if param is not None else {}
     frozen = set(latent)
-    groups = [{"params": [p for n, p in model.named_parameters() if n not in frozen]}]
+    trainable = {n: p for n, p in model.named_parameters() if n not in frozen}
+    groups = [{"params": list(trainable.values())}]
     if latent:  # a parametrization's latents: their own lr scale, no weight decay (it would pull
         # FedBAT's log step sizes and FedPM's scores toward arbitrary values)
         groups.append({"params": list(latent.values()), "lr": cfg.lr * param.lr_scale, "weight_decay": 0.0})
@@ -131,6 +159,9 @@ def local_train(rt: ClientRuntime, global_params: Update, x: torch.Tensor, y: to
         opt = torch.optim.Adam(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
     else:
         opt = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    keep = cfg.keep_state and store is not None
+    if keep:
+        restore_optimizer(opt, trainable, store)
     total = cfg.epochs * steps_per_epoch(len(x), cfg.batch_size)
     step, last_loss = 0, math.nan
     for _ in range(cfg.epochs):
@@ -154,6 +185,8 @@ def local_train(rt: ClientRuntime, global_params: Update, x: torch.Tensor, y: to
                     snapshots.append({t.name: rt.tensors[t.name].detach() - global_params[t.name]
                                       for t in rt.spec.tensors})
         last_loss = loss_sum / max(count, 1)
+    if keep:
+        keep_optimizer(opt, trainable, store)
     update: Update = param.finish(latent) if param is not None else {}
     with torch.no_grad():
         for t in rt.spec.tensors:
@@ -210,8 +243,14 @@ def client_fit(rt: ClientRuntime, broadcast: bytes, x: torch.Tensor, y: torch.Te
         raise ConfigError(f"codec {rt.uplink.codec_id!r} changes how clients train; it cannot be combined "
                           "with client-local tensors")
     shuffle = rngs.torch_generator(rngs.derive_seed(rt.run_seed, rnd, rngs.CLIENT_TRAIN, client))
+    if cfg.keep_state and param is not None:
+        raise ConfigError(f"codec {rt.uplink.codec_id!r} changes how clients train; it cannot keep the optimizer "
+                          "state between rounds (set keep_optimizer_state=false)")
+    if cfg.keep_state and state is None:
+        raise ConfigError("keeping the optimizer state between rounds needs the client's store "
+                          "(client_fit(..., state=...))")
     rt.load_local(state)
-    update, loss = local_train(rt, global_params, x, y, cfg, param, shuffle)
+    update, loss = local_train(rt, global_params, x, y, cfg, param, shuffle, store=state)
     rt.save_local(state)
     payload = rt.uplink.encode(update, ctx)
     info["train_loss"] = loss

@@ -78,7 +78,7 @@ def setup(cfg: Config, source: FederatedSource) -> tuple[Simulation, RunState]:
 
 def local_training(cfg: Config) -> LocalTraining:
     return LocalTraining(cfg.local_epochs, cfg.batch_size, cfg.client_lr, cfg.momentum, cfg.weight_decay,
-                         cfg.optimizer)
+                         cfg.optimizer, cfg.keep_optimizer_state)
 
 
 @torch.no_grad()

@@ -33,6 +33,9 @@ def add_parser(sub) -> None:
     t.add_argument("--local-epochs", type=int)
     t.add_argument("--batch-size", type=int)
     t.add_argument("--lr", type=float, help="Adam learning rate")
+    t.add_argument("--optimizer-state", choices=("keep", "reset"), default="keep",
+                   help="keep: each client's Adam moments carry over from round to round (in its own store, "
+                        "never sent); reset: Adam starts afresh every round")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--method", default="fedavg", help="update codec of the shared transforms (any fedcodec method)")
     t.add_argument("--data-dir", help="Fashion-MNIST directory, or a folder of images for --source photos")
@@ -88,7 +91,8 @@ def run(args) -> int:
         out = Path(args.out or f"runs/neural/{args.source}")
         result = run_sweep(args.source, lambdas, [m.strip() for m in args.modes.split(",")], out, args.data_dir,
                            progress=not args.no_progress, rounds=args.rounds, local_epochs=args.local_epochs,
-                           batch_size=args.batch_size, lr=args.lr, seed=args.seed, method=args.method)
+                           batch_size=args.batch_size, lr=args.lr, seed=args.seed, method=args.method,
+                           keep_optimizer_state=args.optimizer_state == "keep")
         print((out / "results.md").read_text())
         print(f"fedcodec: {len(result['curves'])} λ values; results in {out}/results.md, plot {out}/rd.png")
         return 0

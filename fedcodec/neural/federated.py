@@ -52,6 +52,7 @@ class Settings:
     method: str = "fedavg"  # update codec of the shared transforms (any fedcodec method)
     codec_options: dict = field(default_factory=dict)
     finetune_epochs: int = 5  # entropy-model fits (global-ft, newcomers)
+    keep_optimizer_state: bool = True  # each client's Adam moments carry over between rounds
 
     @classmethod
     def for_source(cls, src: NeuralSource, **overrides) -> "Settings":
@@ -140,7 +141,8 @@ def build_simulation(src: NeuralSource, mode: str, lmbda: float, s: Settings) ->
     spec = ModelSpec.from_model(model, local=local)
     k = src.num_clients
     cfg = Config(seed=s.seed, rounds=s.rounds, num_clients=k, clients_per_round=k, local_epochs=s.local_epochs,
-                 batch_size=s.batch_size, lr=s.lr, optimizer="adam", method=s.method,
+                 batch_size=s.batch_size, lr=s.lr, optimizer="adam",
+                 keep_optimizer_state=s.keep_optimizer_state, method=s.method,
                  codec_options=dict(s.codec_options), eval_every=s.rounds, checkpoint_every=s.rounds).validate()
     uplink = build_codec(cfg.method_spec().codec, **cfg.uplink_options)
     tensors = dict(model.named_parameters()) | dict(model.named_buffers())

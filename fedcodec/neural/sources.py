@@ -8,7 +8,7 @@ it. Everything is drawn from explicit seeded generators.
   law (a two-component Gaussian mixture with client-specific means and scales) and every client pushes
   it through one fixed random nonlinear map ``R^2 → R^16``, plus small Gaussian noise.
 - ``fashion-mnist``: label skew, client ``k`` holds classes ``k`` and ``k+1 (mod 10)`` (pixels in [0, 1]).
-- ``photos``: one client per training photograph (random 64x64 crops from its upper three quarters;
+- ``photos``: one client per training photograph (random 32x32 crops from its upper three quarters;
   its test set is the lower quarter), held-out photographs for evaluation only.
 """
 
@@ -97,7 +97,7 @@ def fashion_mnist_source(data_dir: str | None = None, n_train: int = 600, n_test
                         defaults={"rounds": 20, "local_epochs": 1, "batch_size": 32, "lr": 2e-3})
 
 
-def photo_source(folder: str | None = None, crops: int = 192, size: int = 64, holdout: int = 3,
+def photo_source(folder: str | None = None, crops: int = 384, size: int = 32, holdout: int = 3,
                  newcomers: int = 1, seed: int = 0) -> NeuralSource:
     from .photos import crop_to_multiple, photo_set, random_crops
 
@@ -119,7 +119,7 @@ def photo_source(folder: str | None = None, crops: int = 192, size: int = 64, ho
     k = len(train) - newcomers
     return NeuralSource("photos", train[:k], test[:k], train[k:], test[k:], model,
                         (100.0, 400.0, 1600.0), holdout=held, rate_unit="bpp",
-                        defaults={"rounds": 12, "local_epochs": 1, "batch_size": 16, "lr": 2e-3})
+                        defaults={"rounds": 30, "local_epochs": 1, "batch_size": 16, "lr": 2e-3})
 
 
 def load_source(name: str, data_dir: str | None = None, seed: int = 0, allow_subset: bool = False) -> NeuralSource:
