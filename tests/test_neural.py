@@ -182,6 +182,23 @@ def test_modes_and_determinism():
         train(src, "everything", 100.0, s, progress=False)
 
 
+def test_prior_learning_rate_scale_applies_to_the_entropy_model_only():
+    src = _tiny_source()
+    s = Settings(rounds=1, local_epochs=1, batch_size=16, lr=1e-2, prior_lr_scale=0.0)
+    sim, state = build_simulation(src, "federated", 100.0, s)
+    from fedcodec.fl.simulation import run_round
+
+    init = sim.runtime.local_init
+    first = dict(state.global_params)
+    state = run_round(sim, state)
+    for c in range(src.num_clients):  # frozen at scale 0: the prior is exactly its initial value
+        assert all(torch.equal(v, init[n]) for n, v in sim.runtime.local_tensors(state.client_states[c]).items())
+    assert any(not torch.equal(first[k], state.global_params[k]) for k in first)  # the transforms trained
+    moving = train(src, "federated", 100.0, Settings(rounds=1, local_epochs=1, batch_size=16, lr=1e-2,
+                                                     prior_lr_scale=3.0), progress=False)
+    assert any(not torch.equal(moving.local[0][n], init[n]) for n in init)
+
+
 def test_fit_prior_changes_only_the_entropy_model_and_lowers_the_rate(vector_model):
     model, x = vector_model
     shifted = x * 0.5 + 0.2  # a newcomer with a different latent law

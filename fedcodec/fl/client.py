@@ -36,6 +36,9 @@ class LocalTraining:
 
 
 class Task(Protocol):
+    """What local training minimises. A task may also carry ``lr_scales`` ({parameter-name prefix:
+    learning-rate multiplier}) for parameters that should train faster or slower than the rest."""
+
     def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, gen: torch.Generator) -> torch.Tensor: ...
 
 
@@ -137,6 +140,16 @@ def steps_per_epoch(num: int, batch_size: int) -> int:
     return full + (1 if rest > 1 else 0)
 
 
+def param_groups(params: dict[str, nn.Parameter], lr_scales: dict[str, float], lr: float) -> list[dict]:
+    """Optimizer groups: parameters whose name starts with a prefix in ``lr_scales`` train at
+    ``lr`` times its scale (a task's choice, e.g. a faster entropy model), the rest at ``lr``."""
+    by_scale: dict[float, list[nn.Parameter]] = {}
+    for name, p in params.items():
+        scale = next((v for k, v in lr_scales.items() if name.startswith(k)), 1.0)
+        by_scale.setdefault(scale, []).append(p)
+    return [{"params": ps, "lr": lr * scale} for scale, ps in by_scale.items()]
+
+
 def local_train(rt: ClientRuntime, global_params: Update, x: torch.Tensor, y: torch.Tensor,
                 cfg: LocalTraining, param: Parametrization | None, shuffle: torch.Generator,
                 snapshots: list[Update] | None = None, snapshot_steps: frozenset[int] = frozenset(),
@@ -151,7 +164,7 @@ def local_train(rt: ClientRuntime, global_params: Update, x: torch.Tensor, y: to
     latent = param.init() if param is not None else {}
     frozen = set(latent)
     trainable = {n: p for n, p in model.named_parameters() if n not in frozen}
-    groups = [{"params": list(trainable.values())}]
+    groups = param_groups(trainable, getattr(rt.task, "lr_scales", None) or {}, cfg.lr)
     if latent:  # a parametrization's latents: their own lr scale, no weight decay (it would pull
         # FedBAT's log step sizes and FedPM's scores toward arbitrary values)
         groups.append({"params": list(latent.values()), "lr": cfg.lr * param.lr_scale, "weight_decay": 0.0})

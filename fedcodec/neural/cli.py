@@ -36,6 +36,9 @@ def add_parser(sub) -> None:
     t.add_argument("--optimizer-state", choices=("keep", "reset"), default="keep",
                    help="keep: each client's Adam moments carry over from round to round (in its own store, "
                         "never sent); reset: Adam starts afresh every round")
+    t.add_argument("--prior-lr-scale", type=float,
+                   help="the entropy model's learning rate as a multiple of --lr (default 10: the small CDF "
+                        "networks learn slowly at the transforms' rate)")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--method", default="fedavg", help="update codec of the shared transforms (any fedcodec method)")
     t.add_argument("--data-dir", help="Fashion-MNIST directory, or a folder of images for --source photos")
@@ -92,7 +95,8 @@ def run(args) -> int:
         result = run_sweep(args.source, lambdas, [m.strip() for m in args.modes.split(",")], out, args.data_dir,
                            progress=not args.no_progress, rounds=args.rounds, local_epochs=args.local_epochs,
                            batch_size=args.batch_size, lr=args.lr, seed=args.seed, method=args.method,
-                           keep_optimizer_state=args.optimizer_state == "keep")
+                           keep_optimizer_state=args.optimizer_state == "keep",
+                           prior_lr_scale=args.prior_lr_scale)
         print((out / "results.md").read_text())
         print(f"fedcodec: {len(result['curves'])} λ values; results in {out}/results.md, plot {out}/rd.png")
         return 0

@@ -36,7 +36,8 @@ COMPARISONS = [("local", "federated"), ("local", "federated+fit"), ("global", "f
 
 
 def _fitted(models: list[NTC], data: list[torch.Tensor], s: Settings, salt: int) -> list[NTC]:
-    return [fit_prior(m, x, s.finetune_epochs, s.batch_size, s.lr, seed=s.seed * 1000 + salt * 100 + c)
+    return [fit_prior(m, x, s.finetune_epochs, s.batch_size, s.lr * s.prior_lr_scale,
+                      seed=s.seed * 1000 + salt * 100 + c)
             for c, (m, x) in enumerate(zip(models, data))]
 
 

@@ -53,6 +53,7 @@ class Settings:
     codec_options: dict = field(default_factory=dict)
     finetune_epochs: int = 5  # entropy-model fits (global-ft, newcomers)
     keep_optimizer_state: bool = True  # each client's Adam moments carry over between rounds
+    prior_lr_scale: float = 10.0  # the entropy model's learning rate, relative to lr (training and fits)
 
     @classmethod
     def for_source(cls, src: NeuralSource, **overrides) -> "Settings":
@@ -148,7 +149,7 @@ def build_simulation(src: NeuralSource, mode: str, lmbda: float, s: Settings) ->
     tensors = dict(model.named_parameters()) | dict(model.named_buffers())
     initial = uplink.init_global({t.name: tensors[t.name].detach().clone() for t in spec.tensors}, spec)
     downlink = Downlink(build_codec("fp32"), False, spec, s.seed, initial)
-    rt = ClientRuntime(model, spec, uplink, downlink, s.seed, task=NTCTask(lmbda), local=local)
+    rt = ClientRuntime(model, spec, uplink, downlink, s.seed, task=NTCTask(lmbda, s.prior_lr_scale), local=local)
     x = torch.cat(src.train)
     owners = torch.cat([torch.full((len(t),), c, dtype=torch.int64) for c, t in enumerate(src.train)])
     fsrc = FederatedSource(src.name, x, owners, x[:1], owners[:1], k, tuple(x.shape[1:]))

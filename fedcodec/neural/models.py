@@ -125,10 +125,12 @@ class NTC(nn.Module):
 
 class NTCTask:
     """The engine's task for learned compression: loss = rate + λ·MSE with uniform noise drawn from
-    the round's training generator (labels are ignored)."""
+    the round's training generator (labels are ignored); the entropy model may train at
+    ``prior_lr_scale`` times the learning rate."""
 
-    def __init__(self, lmbda: float):
+    def __init__(self, lmbda: float, prior_lr_scale: float = 1.0):
         self.lmbda = lmbda
+        self.lr_scales = {PRIOR_PREFIX: prior_lr_scale} if prior_lr_scale != 1.0 else {}
 
     def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         return model.rd(x, self.lmbda, gen)["loss"]
