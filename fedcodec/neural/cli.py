@@ -37,8 +37,8 @@ def add_parser(sub) -> None:
                    help="keep: each client's Adam moments carry over from round to round (in its own store, "
                         "never sent); reset: Adam starts afresh every round")
     t.add_argument("--prior-lr-scale", type=float,
-                   help="the entropy model's learning rate as a multiple of --lr (default 10: the small CDF "
-                        "networks learn slowly at the transforms' rate)")
+                   help="the entropy model's learning rate as a multiple of --lr (default: the source's; 10 for "
+                        "images, whose small CDF networks learn slowly at the transforms' rate, 1 for vectors)")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--method", default="fedavg", help="update codec of the shared transforms (any fedcodec method)")
     t.add_argument("--data-dir", help="Fashion-MNIST directory, or a folder of images for --source photos")
