@@ -87,8 +87,8 @@ def standard_curves(src: NeuralSource) -> dict[str, list[dict]]:
 
     images = [x[0].permute(1, 2, 0).numpy() for _, x in src.holdout]
     out = {}
-    for fmt, qualities in (("jpeg", [1, 3, 5, 10, 20, 30, 50, 70, 90]), ("webp", [1, 3, 5, 10, 20, 30, 50, 70, 90])):
-        out[f"holdout: {fmt}"] = codec_curve(images, fmt, qualities)
+    for fmt in ("jpeg", "webp"):
+        out[f"holdout: {fmt}"] = codec_curve(images, fmt, [1, 3, 5, 10, 20, 30, 50, 70, 90])
     return out
 
 
