@@ -130,7 +130,7 @@ class NTCTask:
 
     def __init__(self, lmbda: float, prior_lr_scale: float = 1.0):
         self.lmbda = lmbda
-        self.lr_scales = {PRIOR_PREFIX: prior_lr_scale} if prior_lr_scale != 1.0 else {}
+        self.lr_scales = {PRIOR_PREFIX: prior_lr_scale}
 
     def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         return model.rd(x, self.lmbda, gen)["loss"]
