@@ -12,7 +12,7 @@ from fedcodec.data import make_synthetic_images
 from fedcodec.data.fashion_mnist import FILES
 from fedcodec.data.idx import write_idx
 from fedcodec.errors import ConfigError
-from fedcodec.fl import simulation
+from fedcodec.fl import loop, simulation
 from fedcodec.fl.server import aggregate, server_round
 from fedcodec.fl.simulation import run_round, setup
 
@@ -36,14 +36,14 @@ def run(cfg: Config):
 def recorded(monkeypatch):
     """Wrap the client function and record every payload it returns."""
     sent = []
-    real = simulation.client_fit
+    real = loop.client_fit
 
     def spy(rt, broadcast, x, y, cfg, rnd, client, **kw):
         payload, info = real(rt, broadcast, x, y, cfg, rnd, client, **kw)
         sent.append((rnd, client, len(broadcast), payload))
         return payload, info
 
-    monkeypatch.setattr(simulation, "client_fit", spy)
+    monkeypatch.setattr(loop, "client_fit", spy)
     return sent
 
 
@@ -75,7 +75,7 @@ def test_same_seed_gives_identical_runs(method):
 
 
 def test_malformed_payload_is_rejected_and_round_goes_on(monkeypatch, caplog):
-    real = simulation.client_fit
+    real = loop.client_fit
     victims = []
 
     def corrupting(rt, broadcast, x, y, cfg, rnd, client, **kw):
@@ -88,15 +88,15 @@ def test_malformed_payload_is_rejected_and_round_goes_on(monkeypatch, caplog):
     cfg = small_config("fedmrn-binary", rounds=1)
     sim, state = setup(cfg, SOURCE)
     before = {k: v.clone() for k, v in state.global_params.items()}
-    monkeypatch.setattr(simulation, "client_fit", corrupting)
+    monkeypatch.setattr(loop, "client_fit", corrupting)
     captured = {}
-    real_server = simulation.server_round
+    real_server = loop.server_round
 
     def capture(uplink, spec, global_params, rnd, payloads, *args, **kwargs):
         captured.update(payloads)
         return real_server(uplink, spec, global_params, rnd, payloads, *args, **kwargs)
 
-    monkeypatch.setattr(simulation, "server_round", capture)
+    monkeypatch.setattr(loop, "server_round", capture)
     state = run_round(sim, state)
     rec = state.records[0]
     assert rec["rejected"] == 1 and rec["accepted"] == cfg.clients_per_round - 1

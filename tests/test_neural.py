@@ -144,7 +144,7 @@ def test_personalized_prior_never_reaches_the_server(monkeypatch):
                                                                               reference=global_params))})
         return real(uplink, spec, global_params, rnd, payloads, *a, **kw)
 
-    monkeypatch.setattr("fedcodec.fl.simulation.server_round", spy)
+    monkeypatch.setattr("fedcodec.fl.loop.server_round", spy)
     sim, state = build_simulation(src, "federated", 100.0, s)
     from fedcodec.fl.simulation import run_round
 

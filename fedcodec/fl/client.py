@@ -222,6 +222,13 @@ def prepass(rt: ClientRuntime, global_params: Update, x: torch.Tensor, y: torch.
     return snaps
 
 
+def client_receive(rt: ClientRuntime, broadcast: bytes, rnd: int, client: int,
+                   state: dict[str, torch.Tensor] | None = None) -> Update:
+    """A client takes in the round's broadcast and nothing more (it fails before training): under a
+    delta downlink its copy of the model advances as the server's replica of it did."""
+    return rt.downlink.receive(broadcast, rnd, client, state)
+
+
 def client_fit(rt: ClientRuntime, broadcast: bytes, x: torch.Tensor, y: torch.Tensor, cfg: LocalTraining,
                rnd: int, client: int, state: dict[str, torch.Tensor] | None = None) -> tuple[bytes, dict]:
     """One client's round: bytes in (the global model), bytes out (the encoded update).

@@ -12,7 +12,8 @@ from ..config import Config
 from ..data import FederatedSource
 from ..report import summarize, write_method
 from . import checkpoint
-from .simulation import RunState, run_round, setup
+from .loop import InProcessTransport, RoundReport, run_round
+from .simulation import RunState, setup
 
 log = logging.getLogger("fedcodec.runner")
 CHECKPOINT = "checkpoint.safetensors"
@@ -41,18 +42,32 @@ def run_method(cfg: Config, source: FederatedSource, out: Path, resume: bool = F
         log.info("%s: resuming after round %d", cfg.method, state.round)
     bar = tqdm(total=cfg.rounds, initial=min(state.round, cfg.rounds), desc=cfg.method, disable=not progress,
                unit="round")
-    while state.round < cfg.rounds:
-        state = run_round(sim, state)
-        r = state.records[-1]
+
+    def show(state: RunState, report: RoundReport) -> None:
+        r = report.record
         bar.set_postfix(acc=f"{100 * r.get('accuracy', float('nan')):.2f}",
                         up_kB=f"{r['uplink_bytes'] / r['clients'] / 1e3:.1f}")
         bar.update()
-        if state.round % cfg.checkpoint_every == 0 or state.round == cfg.rounds:
-            checkpoint.save(ckpt, config, state)
+
+    transport = InProcessTransport(sim)
+    while state.round < cfg.rounds:
+        state = run_round(sim, state, transport, callbacks=(show, checkpointer(ckpt, cfg)))
     bar.close()
     summary = summarize(cfg.method, state.records, sim.spec)
     write_method(out, config, state.records, summary, state.ledger)
     return state.records, summary
+
+
+def checkpointer(path: Path, cfg: Config):
+    """A round-loop callback that saves the run state to ``path`` every ``cfg.checkpoint_every``
+    rounds and after the last one (the in-process runner and the Flower ServerApp share it)."""
+    config = cfg.to_dict()
+
+    def save(state: RunState, report: RoundReport) -> None:
+        if state.round % cfg.checkpoint_every == 0 or state.round == cfg.rounds:
+            checkpoint.save(path, config, state)
+
+    return save
 
 
 def final_params(out: Path):

@@ -8,8 +8,6 @@ downlink's model copies), nothing hidden.
 
 from __future__ import annotations
 
-import math
-import time
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -21,11 +19,11 @@ from ..codecs import ModelSpec, Update, build_codec
 from ..config import Config
 from ..data import FederatedSource, partition
 from ..models import build_model
+from . import loop
 from . import rng as rngs
-from .client import ClientRuntime, LocalTraining, client_fit
+from .client import ClientRuntime, LocalTraining
 from .downlink import Downlink
 from .ledger import Ledger
-from .server import RoundOutcome, server_round
 
 
 @dataclass
@@ -54,6 +52,23 @@ class Simulation:
     @property
     def spec(self) -> ModelSpec:
         return self.runtime.spec
+
+    def client_data(self, client: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Client ``client``'s training inputs and targets."""
+        idx = self.parts[client]
+        return self.source.train_x[idx], self.source.train_y[idx]
+
+    def client_size(self, client: int) -> int:
+        """How many training examples client ``client`` holds: its aggregation weight, known to the
+        server from the seeded partition (never taken from the client's word)."""
+        return len(self.parts[client])
+
+    def evaluate_round(self, params: Update, state: "RunState") -> dict[str, float]:
+        """The record entries of a round's evaluation of the global model ``params``."""
+        if self.evaluator is not None:
+            return self.evaluator(self, params, state)
+        accuracy, loss = evaluate(self, params)
+        return {"accuracy": accuracy, "test_loss": loss}
 
 
 def setup(cfg: Config, source: FederatedSource) -> tuple[Simulation, RunState]:
@@ -98,64 +113,5 @@ def evaluate(sim: Simulation, params: Update, batch_size: int = 1000) -> tuple[f
 
 
 def run_round(sim: Simulation, state: RunState) -> RunState:
-    """Advance ``state`` by one round and append its record."""
-    cfg, rt = sim.cfg, sim.runtime
-    rnd = state.round + 1
-    t0 = time.perf_counter()
-    clients = rngs.sample_clients(cfg.seed, rnd, cfg.num_clients, cfg.clients_per_round)
-    dropped, late = rngs.round_failures(cfg.seed, rnd, clients, cfg.dropout, cfg.stragglers)
-    down, views = rt.downlink.send(state.global_params, rnd, clients, state.server_states)
-    payloads, losses, setups, metrics = {}, [], {}, []
-    for c in clients:
-        state.ledger.record(rnd, c, "down", rt.downlink.codec.codec_id, down[c])
-        if c in dropped:  # failed after receiving the model: nothing comes back
-            continue
-        idx = sim.parts[c]
-        payload, info = client_fit(rt, down[c], sim.source.train_x[idx], sim.source.train_y[idx], sim.training, rnd,
-                                   c, state=state.client_states.setdefault(c, {}))
-        if "setup" in info:  # sent before the payload, so a straggler's decoder still arrives
-            state.ledger.record(rnd, c, "up", f"{rt.uplink.codec_id}/setup", info["setup"])
-            setups[c] = info["setup"]
-        state.ledger.record(rnd, c, "up", rt.uplink.codec_id, payload)
-        losses.append(info["train_loss"])
-        metrics.append(info.get("codec", {}))
-        if c not in late:  # a straggler's bytes were sent, but after the deadline: not aggregated
-            payloads[c] = (payload, float(info["num_examples"]))
-    return finish_round(sim, state, rnd, t0, len(clients), payloads, losses, len(dropped), len(late), views,
-                        setups, metrics)[0]
-
-
-def finish_round(sim: Simulation, state: RunState, rnd: int, t0: float, sampled: int,
-                 payloads: dict[int, tuple[bytes, float]], losses: list[float], dropped: int = 0,
-                 timed_out: int = 0, references: dict[int, Update] | None = None,
-                 setups: dict[int, bytes] | None = None,
-                 codec_metrics: list[dict[str, float]] | None = None) -> tuple[RunState, RoundOutcome]:
-    """The server's half of round ``rnd`` once the payloads are in (the simulator and the Flower
-    ServerApp share it): decode, reject, aggregate, evaluate, append the record, advance ``state``.
-    ``t0`` is the round's ``time.perf_counter()`` start; the ledger already holds the round's bytes;
-    ``references`` is the model each client trained from (what the downlink delivered); ``setups``
-    the codec setup messages that arrived (see :func:`server_round`); ``codec_metrics`` the clients'
-    codec metrics, averaged into the record."""
-    cfg, rt = sim.cfg, sim.runtime
-    new_params, outcome = server_round(rt.uplink, sim.spec, state.global_params, rnd, payloads, cfg.min_clients,
-                                       cfg.max_update_norm, references, setups, state.server_states)
-    seconds = time.perf_counter() - t0
-    record = {"round": rnd, "clients": sampled, "accepted": len(outcome.accepted),
-              "rejected": len(outcome.rejected), "dropped": dropped, "timed_out": timed_out,
-              "uplink_bytes": state.ledger.total("up", rnd), "downlink_bytes": state.ledger.total("down", rnd),
-              "train_loss": float(np.mean(losses)) if losses else math.nan, "seconds": seconds}
-    if setups:
-        record["setup_bytes"] = sum(len(b) for b in setups.values())
-    for key in sorted({k for m in codec_metrics or [] for k in m}):
-        record[key] = float(np.mean([m[key] for m in codec_metrics if key in m]))
-    if rnd % cfg.eval_every == 0 or rnd == cfg.rounds:
-        t1 = time.perf_counter()
-        if sim.evaluator is not None:
-            record.update(sim.evaluator(sim, new_params, state))
-        else:
-            record["accuracy"], record["test_loss"] = evaluate(sim, new_params)
-        record["eval_seconds"] = time.perf_counter() - t1
-    state.records.append(record)
-    state.global_params = new_params
-    state.round = rnd
-    return state, outcome
+    """Advance ``state`` by one round with every client in this process (:mod:`fedcodec.fl.loop`)."""
+    return loop.run_round(sim, state, loop.InProcessTransport(sim))

@@ -4,10 +4,13 @@ Messages (Message API):
 
 - ``query`` → reply ``ConfigRecord {"partition-id", "num-partitions"}``: the ServerApp maps the
   clients it samples (partition ids) to node ids with these replies.
-- ``train`` with ``ConfigRecord {"broadcast": bytes, "round": int, "client": int}`` → runs
-  :func:`fedcodec.fl.client.client_fit` and replies ``ConfigRecord {"payload": bytes, "client": int}``
+- ``train`` with ``ConfigRecord {"broadcast": bytes, "round": int, "client": int, "simulate": str}`` →
+  runs :func:`fedcodec.fl.client.client_fit` and replies ``ConfigRecord {"payload": bytes, "client": int}``
   plus ``MetricRecord {"num-examples", "train-loss"}``. The payload is the codec's bitstream as raw
-  bytes; no float tensors travel up.
+  bytes; no float tensors travel up. ``simulate = "dropout"`` (the config's simulated ``dropout``):
+  the client takes in the broadcast and answers ``{"dropped": true, "client": int}`` without training;
+  ``"straggler"`` changes nothing here (the server treats the answer as late). The message format is
+  :mod:`fedcodec.flower.transport`'s.
 
 The client's private store (error-feedback memory, its model copy under a delta downlink) lives in
 the node's ``context.state`` as an ArrayRecord, which the SuperNode keeps between messages of a run;
@@ -23,7 +26,7 @@ import time
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from .common import METRICS, RECORD, ensure_logging, parse_run_config
+from .common import METRICS, RECORD, SIMULATE_DROPOUT, ensure_logging, parse_run_config
 
 log = logging.getLogger("fedcodec.flower.client")
 app = ClientApp()
@@ -41,8 +44,11 @@ def partition_of(context: Context) -> tuple[int, int | None]:
     if "partition-id" not in node:
         raise ValueError("this SuperNode has no 'partition-id' in its node config; start it with "
                          "--node-config 'partition-id=<i> num-partitions=<n>'")
-    n = node.get("num-partitions")
-    return int(node["partition-id"]), (int(n) if n is not None else None)
+    pid, n = node["partition-id"], node.get("num-partitions")
+    if isinstance(pid, bool) or not isinstance(pid, int) or not (n is None or isinstance(n, int)
+                                                                 and not isinstance(n, bool)):
+        raise ValueError(f"node config partition-id={pid!r} num-partitions={n!r}: both must be integers")
+    return pid, n
 
 
 def _simulation(context: Context):
@@ -75,7 +81,7 @@ def query(msg: Message, context: Context) -> Message:
 def train(msg: Message, context: Context) -> Message:
     t0 = time.perf_counter()
     ensure_logging()
-    from ..fl.client import client_fit
+    from ..fl.client import client_fit, client_receive
 
     pid, num = partition_of(context)
     sim, settings = _simulation(context)
@@ -83,13 +89,20 @@ def train(msg: Message, context: Context) -> Message:
     if num is not None and num != sim.cfg.num_clients:
         raise ValueError(f"node config num-partitions={num} but the run has num-clients={sim.cfg.num_clients}")
     rec = msg.content[RECORD]
-    rnd, client = int(rec["round"]), int(rec["client"])
+    rnd, client, broadcast = rec.get("round"), rec.get("client"), rec.get("broadcast")
+    if not (isinstance(rnd, int) and isinstance(client, int) and isinstance(broadcast, bytes)):
+        raise ValueError("a train message needs round (int), client (int) and broadcast (bytes)")
     if client != pid:
         raise ValueError(f"message for client {client} reached the node holding partition {pid}")
-    idx = sim.parts[pid]
     store = context.state[STATE].to_torch_state_dict() if STATE in context.state else {}
-    payload, info = client_fit(sim.runtime, rec["broadcast"], sim.source.train_x[idx], sim.source.train_y[idx],
-                               sim.training, rnd, pid, state=store)
+    if rec.get("simulate") == SIMULATE_DROPOUT:  # the config's simulated failure: broadcast in, nothing out
+        client_receive(sim.runtime, broadcast, rnd, pid, state=store)
+        if store:
+            context.state[STATE] = ArrayRecord(torch_state_dict=store)
+        log.info("round %d, client %d: simulated dropout", rnd, pid)
+        return Message(RecordDict({RECORD: ConfigRecord({"dropped": True, "client": pid})}), reply_to=msg)
+    x, y = sim.client_data(pid)
+    payload, info = client_fit(sim.runtime, broadcast, x, y, sim.training, rnd, pid, state=store)
     if store:
         context.state[STATE] = ArrayRecord(torch_state_dict=store)
     if settings.corrupt_partition == pid:  # test hook: a byte flipped in transit (same length)
@@ -98,7 +111,7 @@ def train(msg: Message, context: Context) -> Message:
         payload = bytes(flipped)
         log.warning("round %d: partition %d corrupts its payload (corrupt-partition)", rnd, pid)
     log.info("round %d, client %d: %d examples, setup %.1f s, training %.1f s, payload %d bytes", rnd, pid,
-             len(idx), t1 - t0, time.perf_counter() - t1, len(payload))
+             len(x), t1 - t0, time.perf_counter() - t1, len(payload))
     reply = {"payload": payload, "client": pid}
     if "setup" in info:  # the codec's setup message (an AE client's decoder), sent with the payload
         reply["setup"] = info["setup"]

@@ -22,6 +22,8 @@ from ..errors import ConfigError
 TRAIN, QUERY = "train", "query"
 #: record names inside a message's RecordDict
 RECORD, METRICS = "fedcodec", "metrics"
+#: the ``simulate`` field of a train message: the config's simulated failures, acted out by the client
+SIMULATE_NONE, SIMULATE_DROPOUT, SIMULATE_STRAGGLER = "", "dropout", "straggler"
 
 #: run-config keys read by the Flower apps only, with their defaults
 FLOWER_KEYS: dict[str, Any] = {
@@ -29,6 +31,7 @@ FLOWER_KEYS: dict[str, Any] = {
     "round-timeout": 0.0,     # seconds to wait for replies in a round; 0 = until every reply is in
     "straggler-timeout": 0.0,  # once min-clients replies are in, seconds to wait for the rest; 0 = no limit
     "node-wait": 120.0,       # seconds the ServerApp waits for num-clients SuperNodes to connect
+    "resume": False,          # continue from out-dir/checkpoint.safetensors (a restarted ServerApp)
 }
 #: a string of space-separated ``NAME=VALUE`` codec options, e.g. ``"noise=gaussian pm=false"``
 #: (``flwr run --run-config`` can only override keys the app's pyproject declares, so the codec
@@ -43,6 +46,7 @@ class FlowerSettings:
     round_timeout: float | None
     straggler_timeout: float | None
     node_wait: float
+    resume: bool = False
 
 
 def parse_run_config(run_config: Mapping[str, Any]) -> tuple[Config, FlowerSettings]:
@@ -68,8 +72,13 @@ def parse_run_config(run_config: Mapping[str, Any]) -> tuple[Config, FlowerSetti
     except TypeError as err:  # a value of the wrong type that _coerce let through
         raise ConfigError(f"invalid Flower run config: {err}") from None
     timeout, straggler = float(flower["round-timeout"]), float(flower["straggler-timeout"])
+    resume = flower["resume"]
+    if isinstance(resume, str) and resume.lower() in ("true", "false"):
+        resume = resume.lower() == "true"
+    if not isinstance(resume, bool):
+        raise ConfigError(f"run config key resume expects true or false, got {resume!r}")
     return cfg, FlowerSettings(int(flower["corrupt-partition"]), timeout if timeout > 0 else None,
-                               straggler if straggler > 0 else None, float(flower["node-wait"]))
+                               straggler if straggler > 0 else None, float(flower["node-wait"]), resume)
 
 
 def run_config_items(cfg_overrides: Mapping[str, Any]) -> list[str]:

@@ -1,0 +1,218 @@
+"""The round loop: one implementation, whatever carries the bytes.
+
+A round is five steps, always in this order::
+
+    plan      sample clients, decide simulated failures, encode the downlink payloads
+    exchange  a Transport delivers each broadcast and brings back what each client answered
+    ingest    the single place that writes ledger rows, aggregation weights, setup messages, metrics
+    step      decode / reject / aggregate (fl/server.py), then evaluation
+    callbacks the round's record is appended; checkpoints, files, logs
+
+Only ``exchange`` differs between deployments. :class:`InProcessTransport` calls
+:func:`fedcodec.fl.client.client_fit` in this process; :class:`fedcodec.flower.transport.FlowerTransport`
+sends the same bytes as Flower Messages to SuperNodes, whose ClientApp calls the same function.
+Everything else, including the aggregation weights (the partition sizes the server knows, never
+what a client claims), the simulated ``dropout``/``stragglers`` and the accounting of timeouts, is
+shared, so the two give bit-identical models, records and ledgers.
+
+Reply statuses:
+
+- ``ok``: the client's bytes arrived in time; its payload goes to the decoder.
+- ``dropped``: the client failed after the broadcast was sent (simulated ``dropout``, a node that
+  answered with an error, a partition no node holds). Nothing comes back.
+- ``timed_out``: the client's answer was not usable before the round's deadline: a simulated
+  straggler (it trained and sent, so its bytes are counted, but the update is not aggregated), or a
+  Flower node that had not answered when the round closed (nothing arrived, nothing is counted).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Protocol
+
+import numpy as np
+
+from ..codecs import Update
+from . import rng as rngs
+from .client import client_fit, client_receive
+from .server import RoundOutcome, server_round
+
+log = logging.getLogger("fedcodec.loop")
+
+OK, DROPPED, TIMED_OUT = "ok", "dropped", "timed_out"
+
+
+@dataclass(frozen=True)
+class RoundPlan:
+    """What the server decided before any byte moved."""
+
+    round: int
+    clients: list[int]  # sampled, ascending
+    dropout: frozenset[int]  # simulated: fail after receiving the broadcast
+    late: frozenset[int]  # simulated: answer after the deadline
+    broadcasts: dict[int, bytes]  # the downlink payload of every reachable sampled client
+    views: dict[int, Update]  # the model each of them holds once it decodes its broadcast
+    unreachable: frozenset[int] = frozenset()  # sampled, but no way to reach them (no SuperNode)
+
+
+@dataclass
+class Reply:
+    """What came back from one sampled client."""
+
+    client: int
+    status: str  # OK, DROPPED or TIMED_OUT
+    delivered: bool = True  # the broadcast reached the client (its bytes count as downlink)
+    payload: bytes | None = None  # None: no payload arrived
+    setup: bytes | None = None  # a codec setup message (an AE client's decoder)
+    num_examples: int | None = None  # what the client says it trained on (checked, never trusted)
+    train_loss: float = math.nan
+    metrics: dict[str, float] = field(default_factory=dict)  # the codec's metrics of this message
+    reason: str = ""  # why it was dropped or timed out
+
+
+class Transport(Protocol):
+    """Carries one round's broadcasts to the clients and their answers back."""
+
+    def reachable(self, clients: list[int]) -> set[int]:
+        """The sampled clients a broadcast can be sent to."""
+        ...
+
+    def exchange(self, plan: RoundPlan, state) -> dict[int, Reply]:
+        """Deliver ``plan.broadcasts``; return a :class:`Reply` for every reachable client."""
+        ...
+
+
+@dataclass
+class RoundReport:
+    """Everything a callback may want to know about the round that just ended."""
+
+    plan: RoundPlan
+    replies: dict[int, Reply]
+    outcome: RoundOutcome
+    record: dict
+
+
+Callback = Callable[["RunState", RoundReport], None]  # noqa: F821  (RunState: fl/simulation.py)
+
+
+def plan_round(sim, state, reachable: Callable[[list[int]], set[int]]) -> RoundPlan:
+    """Sample the round's clients and failures (pure functions of the seed) and encode the downlink
+    payloads of the reachable ones (a delta downlink updates the server's replicas of exactly those)."""
+    cfg, rnd = sim.cfg, state.round + 1
+    clients = rngs.sample_clients(cfg.seed, rnd, cfg.num_clients, cfg.clients_per_round)
+    dropout, late = rngs.round_failures(cfg.seed, rnd, clients, cfg.dropout, cfg.stragglers)
+    targets = [c for c in clients if c in reachable(clients)]
+    down, views = sim.runtime.downlink.send(state.global_params, rnd, targets, state.server_states)
+    return RoundPlan(rnd, clients, frozenset(dropout), frozenset(late), down, views,
+                     frozenset(clients) - frozenset(targets))
+
+
+class InProcessTransport:
+    """Runs every client in this process: :func:`client_fit` with the client's store from the run
+    state. A simulated dropout receives its broadcast (its copy of the model stays in step with the
+    server's replica under a delta downlink) and then fails."""
+
+    def __init__(self, sim):
+        self.sim = sim
+
+    def reachable(self, clients: list[int]) -> set[int]:
+        return set(clients)
+
+    def exchange(self, plan: RoundPlan, state) -> dict[int, Reply]:
+        sim, replies = self.sim, {}
+        for c in plan.clients:
+            store = state.client_states.setdefault(c, {})
+            if c in plan.dropout:
+                client_receive(sim.runtime, plan.broadcasts[c], plan.round, c, store)
+                replies[c] = Reply(c, DROPPED, reason="simulated dropout")
+                continue
+            x, y = sim.client_data(c)
+            payload, info = client_fit(sim.runtime, plan.broadcasts[c], x, y, sim.training, plan.round, c,
+                                       state=store)
+            replies[c] = Reply(c, TIMED_OUT if c in plan.late else OK, payload=payload, setup=info.get("setup"),
+                               num_examples=info["num_examples"], train_loss=info["train_loss"],
+                               metrics=info.get("codec", {}),
+                               reason="simulated straggler" if c in plan.late else "")
+        return replies
+
+
+@dataclass
+class Inbox:
+    """The server's view of a round's replies, after ingestion."""
+
+    payloads: dict[int, tuple[bytes, float]] = field(default_factory=dict)  # {client: (bytes, weight)}
+    setups: dict[int, bytes] = field(default_factory=dict)
+    losses: list[float] = field(default_factory=list)
+    metrics: list[dict[str, float]] = field(default_factory=list)
+    dropped: dict[int, str] = field(default_factory=dict)
+    timed_out: dict[int, str] = field(default_factory=dict)
+
+
+def ingest(sim, state, plan: RoundPlan, replies: dict[int, Reply]) -> Inbox:
+    """Write the round's ledger rows (per client: downlink, setup message, payload, in client order)
+    and sort the replies into what the server will decode. A client's weight is the size of its
+    partition, which the server knows from the seeded partition; a different claim is logged."""
+    rt, rnd, inbox = sim.runtime, plan.round, Inbox()
+    for c in plan.clients:
+        reply = replies.get(c) or Reply(c, DROPPED, delivered=False, reason="no SuperNode holds this partition")
+        if reply.delivered and c in plan.broadcasts:
+            state.ledger.record(rnd, c, "down", rt.downlink.codec.codec_id, plan.broadcasts[c])
+        if reply.setup is not None:  # sent before the payload, so a straggler's decoder still arrives
+            state.ledger.record(rnd, c, "up", f"{rt.uplink.codec_id}/setup", reply.setup)
+            inbox.setups[c] = reply.setup
+        if reply.payload is not None:
+            state.ledger.record(rnd, c, "up", rt.uplink.codec_id, reply.payload)
+            inbox.losses.append(reply.train_loss)
+            inbox.metrics.append(reply.metrics)
+        if reply.status == DROPPED:
+            inbox.dropped[c] = reply.reason
+        elif reply.status == TIMED_OUT:
+            inbox.timed_out[c] = reply.reason
+        elif reply.payload is not None:
+            weight = sim.client_size(c)
+            if reply.num_examples != weight:
+                log.warning("round %d: client %d reports %s examples, its partition has %d; using %d", rnd, c,
+                            reply.num_examples, weight, weight)
+            inbox.payloads[c] = (reply.payload, float(weight))
+    return inbox
+
+
+def run_round(sim, state, transport: Transport, callbacks: tuple[Callback, ...] = ()):
+    """Advance ``state`` by one round through ``transport``; append the round's record and return
+    ``state``. ``callbacks(state, report)`` run after the record is in (checkpoints, files)."""
+    cfg = sim.cfg
+    t0 = time.perf_counter()
+    plan = plan_round(sim, state, transport.reachable)
+    replies = transport.exchange(plan, state)
+    inbox = ingest(sim, state, plan, replies)
+    for c, why in sorted(inbox.dropped.items()):
+        log.info("round %d: client %d dropped (%s)", plan.round, c, why)
+    for c, why in sorted(inbox.timed_out.items()):
+        log.info("round %d: client %d timed out (%s)", plan.round, c, why)
+    new_params, outcome = server_round(sim.runtime.uplink, sim.spec, state.global_params, plan.round,
+                                       inbox.payloads, cfg.min_clients, cfg.max_update_norm, plan.views,
+                                       inbox.setups, state.server_states)
+    record = {"round": plan.round, "clients": len(plan.clients), "accepted": len(outcome.accepted),
+              "rejected": len(outcome.rejected), "dropped": len(inbox.dropped), "timed_out": len(inbox.timed_out),
+              "uplink_bytes": state.ledger.total("up", plan.round),
+              "downlink_bytes": state.ledger.total("down", plan.round),
+              "train_loss": float(np.mean(inbox.losses)) if inbox.losses else math.nan,
+              "seconds": time.perf_counter() - t0}
+    if inbox.setups:
+        record["setup_bytes"] = sum(len(b) for b in inbox.setups.values())
+    for key in sorted({k for m in inbox.metrics for k in m}):
+        record[key] = float(np.mean([m[key] for m in inbox.metrics if key in m]))
+    if plan.round % cfg.eval_every == 0 or plan.round == cfg.rounds:
+        t1 = time.perf_counter()
+        record.update(sim.evaluate_round(new_params, state))
+        record["eval_seconds"] = time.perf_counter() - t1
+    state.records.append(record)
+    state.global_params = new_params
+    state.round = plan.round
+    report = RoundReport(plan, replies, outcome, record)
+    for callback in callbacks:
+        callback(state, report)
+    return state

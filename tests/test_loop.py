@@ -1,0 +1,86 @@
+"""The round loop (fedcodec.fl.loop): plan → exchange → ingest → server step → callbacks, shared by
+the in-process and the Flower transport (tests/test_flower.py checks the two agree)."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from fedcodec.fl import loop
+from fedcodec.fl.downlink import PREFIX
+from fedcodec.fl.loop import DROPPED, OK, TIMED_OUT, InProcessTransport, Reply, run_round
+from fedcodec.fl.simulation import setup
+from test_engine import SOURCE, small_config
+
+
+def test_a_dropout_still_takes_in_its_broadcast_under_a_delta_downlink():
+    """A simulated dropout fails *after* the broadcast: its copy of the model must advance with the
+    server's replica, or the two drift apart for good (the client would train from one model and the
+    server decode its update against another)."""
+    cfg = small_config("fedavg", num_clients=4, clients_per_round=4, rounds=4, dropout=0.5, downlink="qsgd",
+                       downlink_options={"levels": 15}, downlink_delta=True)
+    sim, state = setup(cfg, SOURCE)
+    for _ in range(cfg.rounds):
+        state = run_round(sim, state, InProcessTransport(sim))
+    assert [r["dropped"] for r in state.records] == [2, 2, 2, 2]
+    for c in range(cfg.num_clients):
+        client, server = state.client_states[c], state.server_states[c]
+        names = sorted(k for k in server if k.startswith(PREFIX))
+        assert names and names == sorted(k for k in client if k.startswith(PREFIX))
+        assert all(torch.equal(client[k], server[k]) for k in names), f"client {c}'s copy drifted"
+
+
+def test_weights_are_the_partition_sizes_the_server_knows(monkeypatch, caplog):
+    """A client claiming a huge number of examples gets no more say in the aggregate."""
+    cfg = small_config("fedavg", rounds=1)
+    sim, honest = setup(cfg, SOURCE)
+    honest = run_round(sim, honest, InProcessTransport(sim))
+    real = loop.client_fit
+
+    def boasting(rt, broadcast, x, y, training, rnd, client, **kw):
+        payload, info = real(rt, broadcast, x, y, training, rnd, client, **kw)
+        return payload, info | ({"num_examples": 10**9} if client == 1 else {})
+
+    monkeypatch.setattr(loop, "client_fit", boasting)
+    sim, state = setup(cfg, SOURCE)
+    with caplog.at_level(logging.WARNING, logger="fedcodec.loop"):
+        state = run_round(sim, state, InProcessTransport(sim))
+    assert "client 1 reports 1000000000 examples" in caplog.text
+    assert all(torch.equal(state.global_params[k], honest.global_params[k]) for k in honest.global_params)
+
+
+def test_ingest_counts_bytes_of_stragglers_not_of_dropouts_and_keeps_client_order():
+    cfg = small_config("fedmrn-binary", rounds=1)
+    sim, state = setup(cfg, SOURCE)
+    plan = loop.plan_round(sim, state, lambda cs: set(cs[1:]))  # the first sampled client is unreachable
+    a, b, c, d = plan.clients
+    assert plan.unreachable == {a} and set(plan.broadcasts) == {b, c, d}
+    replies = {b: Reply(b, DROPPED, reason="simulated dropout"),
+               c: Reply(c, TIMED_OUT, payload=b"x" * 7, setup=b"y" * 3, num_examples=1, train_loss=2.0),
+               d: Reply(d, OK, payload=b"z" * 5, num_examples=sim.client_size(d), train_loss=4.0,
+                        metrics={"m": 1.0})}
+    inbox = loop.ingest(sim, state, plan, replies)
+    rows = [(e.client, e.direction, e.codec, e.nbytes) for e in state.ledger.entries]
+    n = len(plan.broadcasts[b])
+    assert rows == [(b, "down", "fp32", n), (c, "down", "fp32", n), (c, "up", "fedmrn/setup", 3),
+                    (c, "up", "fedmrn", 7), (d, "down", "fp32", n), (d, "up", "fedmrn", 5)]
+    assert inbox.payloads == {d: (b"z" * 5, float(sim.client_size(d)))}
+    assert inbox.setups == {c: b"y" * 3} and inbox.losses == [2.0, 4.0] and inbox.metrics == [{}, {"m": 1.0}]
+    assert inbox.dropped == {a: "no SuperNode holds this partition", b: "simulated dropout"}
+    assert set(inbox.timed_out) == {c}
+
+
+def test_callbacks_see_every_round_after_its_record():
+    cfg = small_config("fedavg", rounds=2, dropout=0.25)
+    sim, state = setup(cfg, SOURCE)
+    seen = []
+
+    def callback(st, report):
+        seen.append((st.round, report.record is st.records[-1], sorted(report.replies),
+                     [c for c, r in sorted(report.replies.items()) if r.status == DROPPED]))
+
+    for _ in range(cfg.rounds):
+        state = run_round(sim, state, InProcessTransport(sim), callbacks=(callback,))
+    assert [s[:2] for s in seen] == [(1, True), (2, True)]
+    assert all(len(s[3]) == 1 and s[2] == sorted(s[2]) and len(s[2]) == 4 for s in seen)
