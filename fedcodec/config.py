@@ -91,6 +91,14 @@ class Config:
     downlink_options: dict[str, Any] = field(default_factory=dict)
     downlink_delta: bool = False  # send global - (the client's copy) instead of the model
     max_update_norm: float | None = None  # reject decoded updates with a larger L2 norm
+    # server optimizer (fedcodec.fl.server_opt): how the round's aggregate moves the global model
+    server_optimizer: str = "sgd"  # sgd (FedAvg), momentum (FedAvgM), adam (FedAdam) or yogi (FedYogi)
+    server_lr: float | None = None  # None: the optimizer's own (sgd, momentum 1.0; adam 0.1; yogi 0.01)
+    server_momentum: float = 0.9  # beta of momentum
+    server_beta1: float = 0.9  # adam, yogi
+    server_beta2: float = 0.99  # adam, yogi
+    server_tau: float = 1e-3  # adam, yogi: adaptivity
+    server_initial_v: float | None = None  # adam, yogi: v before the first round; None: server_tau**2
     # evaluation and output
     eval_every: int = 1
     out_dir: str = "runs"
@@ -136,7 +144,9 @@ class Config:
             if not ok:
                 raise ConfigError(msg)
         from .codecs import build_codec
+        from .fl.server_opt import ServerOptimizerConfig
 
+        ServerOptimizerConfig.from_config(self)  # server_* keys fail here
         build_codec(self.method_spec().codec, **self.uplink_options)  # unknown codec options fail here
         if self.downlink_options.get("ef") in (True, "true"):
             raise ConfigError("the downlink takes no ef option: with downlink_delta=true the error is sent "
