@@ -84,3 +84,42 @@ def test_callbacks_see_every_round_after_its_record():
         state = run_round(sim, state, InProcessTransport(sim), callbacks=(callback,))
     assert [s[:2] for s in seen] == [(1, True), (2, True)]
     assert all(len(s[3]) == 1 and s[2] == sorted(s[2]) and len(s[2]) == 4 for s in seen)
+
+
+def test_server_optimizer_state_is_checkpointed_and_resume_is_bit_identical(tmp_path):
+    from fedcodec.fl import checkpoint
+
+    cfg = small_config("fedavg", rounds=3, server_optimizer="adam", server_lr=0.01)
+    sim, whole = setup(cfg, SOURCE)
+    for _ in range(cfg.rounds):
+        whole = run_round(sim, whole, InProcessTransport(sim))
+    assert {"m/classifier.weight", "v/classifier.weight"} <= set(whole.optimizer_state)
+    assert not any("running" in k for k in whole.optimizer_state)  # running statistics have no optimizer
+    sim, part = setup(cfg, SOURCE)
+    part = run_round(sim, part, InProcessTransport(sim))
+    checkpoint.save(tmp_path / "c.safetensors", cfg.to_dict(), part)
+    sim, part = setup(cfg, SOURCE)  # a new process
+    part = checkpoint.load(tmp_path / "c.safetensors", cfg.to_dict())
+    assert set(part.optimizer_state) == set(whole.optimizer_state)
+    for _ in range(2):
+        part = run_round(sim, part, InProcessTransport(sim))
+    assert all(torch.equal(part.global_params[k], whole.global_params[k]) for k in whole.global_params)
+    assert all(torch.equal(part.optimizer_state[k], whole.optimizer_state[k]) for k in whole.optimizer_state)
+    sim, plain = setup(small_config("fedavg", rounds=3), SOURCE)
+    for _ in range(cfg.rounds):
+        plain = run_round(sim, plain, InProcessTransport(sim))
+    assert plain.optimizer_state == {}
+    assert not torch.equal(plain.global_params["classifier.weight"], whole.global_params["classifier.weight"])
+    # running statistics are averaged plainly under every optimizer: round 1 moves them identically
+    sim, a = setup(small_config("fedavg", rounds=1), SOURCE)
+    sim2, b = setup(small_config("fedavg", rounds=1, server_optimizer="adam", server_lr=0.01), SOURCE)
+    a, b = run_round(sim, a, InProcessTransport(sim)), run_round(sim2, b, InProcessTransport(sim2))
+    buffers = [t.name for t in sim.spec.tensors if t.role == "buffer"]
+    assert buffers and all(torch.equal(a.global_params[n], b.global_params[n]) for n in buffers)
+
+
+def test_a_round_that_keeps_the_model_leaves_the_optimizer_state_alone():
+    cfg = small_config("fedavg", rounds=2, server_optimizer="momentum", max_update_norm=1e-9)
+    sim, state = setup(cfg, SOURCE)
+    state = run_round(sim, state, InProcessTransport(sim))
+    assert state.records[-1]["accepted"] == 0 and state.optimizer_state == {}

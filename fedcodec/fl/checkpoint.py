@@ -1,8 +1,8 @@
 """Crash-safe checkpoints: the whole run state in one safetensors file, replaced atomically.
 
 Tensors are the file's tensors: the global model under its own names, each client's private store
-under ``client/<id>/<key>`` and the server's per-client store under ``server/<id>/<key>`` (model
-tensor names never contain ``/``); everything else (round, records, ledger, config) is JSON in the
+under ``client/<id>/<key>``, the server's per-client store under ``server/<id>/<key>`` and the server
+optimizer's state under ``opt/<key>`` (model tensor names never contain ``/``); everything else (round, records, ledger, config) is JSON in the
 file's metadata. One file means one ``os.replace``: a process killed at any instant
 leaves either the previous checkpoint or the new one, never a mix. RNG state needs no saving: every
 random choice is a function of (seed, round, client).
@@ -22,6 +22,7 @@ from ..errors import ConfigError
 from .ledger import Entry, Ledger
 
 FORMAT = "fedcodec-checkpoint-1"
+OPTIMIZER = "opt/"  # key prefix of the server optimizer's state
 # keys that may differ between the run that saved a checkpoint and the one that resumes it
 RESUMABLE_DIFFERENCES = ("rounds", "out_dir", "threads")
 
@@ -62,6 +63,7 @@ def save(path: Path, config: dict[str, Any], state) -> None:
     for prefix, stores in (("client", state.client_states), ("server", state.server_states)):
         for owner, store in stores.items():
             tensors.update({f"{prefix}/{owner}/{k}": v.contiguous() for k, v in store.items()})
+    tensors.update({f"{OPTIMIZER}{k}": v.contiguous() for k, v in state.optimizer_state.items()})
     atomic_write_bytes(path, serialize(tensors, metadata=meta))
 
 
@@ -74,13 +76,15 @@ def load(path: Path, config: dict[str, Any]):
         if meta.get("format") != FORMAT:
             raise ConfigError(f"{path} is not a fedcodec checkpoint (format {meta.get('format')!r})")
         check_config(json.loads(meta["config"]), config, path)
-        params, stores = {}, {"client": {}, "server": {}}
+        params, stores, optimizer = {}, {"client": {}, "server": {}}, {}
         for k in f.keys():
-            if k.startswith(("client/", "server/")):
+            if k.startswith(OPTIMIZER):
+                optimizer[k[len(OPTIMIZER):]] = f.get_tensor(k)
+            elif k.startswith(("client/", "server/")):
                 prefix, owner, key = k.split("/", 2)
                 stores[prefix].setdefault(int(owner), {})[key] = f.get_tensor(k)
             else:
                 params[k] = f.get_tensor(k)
     ledger = Ledger([Entry(*row) for row in json.loads(meta["ledger"])])
     return RunState(int(meta["round"]), params, ledger, json.loads(meta["records"]), stores["client"],
-                    stores["server"])
+                    stores["server"], optimizer)

@@ -5,7 +5,8 @@ A round is five steps, always in this order::
     plan      sample clients, decide simulated failures, encode the downlink payloads
     exchange  a Transport delivers each broadcast and brings back what each client answered
     ingest    the single place that writes ledger rows, aggregation weights, setup messages, metrics
-    step      decode / reject / aggregate (fl/server.py), then evaluation
+    step      decode / reject / aggregate (fl/server.py), the server optimizer (fl/server_opt.py),
+              then evaluation
     callbacks the round's record is appended; checkpoints, files, logs
 
 Only ``exchange`` differs between deployments. :class:`InProcessTransport` calls
@@ -192,9 +193,17 @@ def run_round(sim, state, transport: Transport, callbacks: tuple[Callback, ...] 
         log.info("round %d: client %d dropped (%s)", plan.round, c, why)
     for c, why in sorted(inbox.timed_out.items()):
         log.info("round %d: client %d timed out (%s)", plan.round, c, why)
+    taken: dict = {}
+
+    def optimizer_step(global_params: Update, step: dict) -> Update:
+        new, taken["state"] = sim.server_optimizer.step(global_params, step, state.optimizer_state)
+        return new
+
     new_params, outcome = server_round(sim.runtime.uplink, sim.spec, state.global_params, plan.round,
                                        inbox.payloads, cfg.min_clients, cfg.max_update_norm, plan.views,
-                                       inbox.setups, state.server_states)
+                                       inbox.setups, state.server_states, apply=optimizer_step)
+    if new_params is not state.global_params and "state" in taken:  # the step was taken and kept
+        state.optimizer_state = taken["state"]
     record = {"round": plan.round, "clients": len(plan.clients), "accepted": len(outcome.accepted),
               "rejected": len(outcome.rejected), "dropped": len(inbox.dropped), "timed_out": len(inbox.timed_out),
               "uplink_bytes": state.ledger.total("up", plan.round),

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
@@ -42,14 +43,21 @@ def update_norm(update: Update) -> float:
     return float(torch.sqrt(sum(t.double().pow(2).sum() for t in update.values())))
 
 
+#: applies a round's float64 step to the global model (a server optimizer): (global, step) -> new global
+ApplyStep = Callable[[Update, dict[str, torch.Tensor]], Update]
+
+
 def aggregate(spec: ModelSpec, global_params: Update, updates: list[tuple[int, float, Update]],
-              codec: Codec | None = None) -> Update:
+              codec: Codec | None = None, apply: ApplyStep | None = None) -> Update:
     """Global + the codec's aggregate of the updates (default: the example-weighted mean), summed
-    in client-id order in float64."""
+    in client-id order in float64; ``apply`` (a server optimizer's step) decides how the aggregate
+    moves the model, else it is added."""
     if not updates:
         return global_params
     updates = sorted(updates, key=lambda u: u[0])
     step = codec.aggregate(spec, global_params, updates) if codec is not None else weighted_mean(spec, updates)
+    if apply is not None:
+        return apply(global_params, step)
     return {t.name: (global_params[t.name].to(torch.float64) + step[t.name]).to(torch.float32)
             for t in spec.tensors}
 
@@ -59,7 +67,8 @@ def server_round(uplink: Codec, spec: ModelSpec, global_params: Update, rnd: int
                  max_update_norm: float | None = None,
                  references: dict[int, Update] | None = None,
                  setups: dict[int, bytes] | None = None,
-                 stores: dict[int, dict[str, torch.Tensor]] | None = None) -> tuple[Update, RoundOutcome]:
+                 stores: dict[int, dict[str, torch.Tensor]] | None = None,
+                 apply: ApplyStep | None = None) -> tuple[Update, RoundOutcome]:
     """Decode ``payloads`` ({client: (bytes, weight)}), reject bad ones, aggregate the rest.
 
     A rejected payload is logged with the client and the reason and leaves no trace in the model. If
@@ -70,6 +79,9 @@ def server_round(uplink: Codec, spec: ModelSpec, global_params: Update, rnd: int
     ``setups`` holds codec setup messages (an AE client's decoder), accepted into ``stores`` (the
     server's per-client stores) before any payload is decoded; a setup message may arrive without a
     payload (a straggler's). A rejected setup message rejects that client's payload too.
+
+    ``apply`` is the server optimizer's step (see :func:`aggregate`). A round that keeps the global
+    model unchanged returns ``global_params`` itself, so a caller can tell whether the step was taken.
     """
     outcome = RoundOutcome()
     decoded = []
@@ -108,7 +120,7 @@ def server_round(uplink: Codec, spec: ModelSpec, global_params: Update, rnd: int
         log.warning("round %d: only %d of %d payloads usable (< %d); global model unchanged",
                     rnd, len(decoded), len(payloads), min_clients)
         return global_params, outcome
-    new = aggregate(spec, global_params, decoded, uplink)
+    new = aggregate(spec, global_params, decoded, uplink, apply)
     if not all(torch.isfinite(t).all() for t in new.values()):  # defence in depth; overflows() prevents it
         log.error("round %d: aggregate is not finite; global model unchanged", rnd)
         return global_params, outcome

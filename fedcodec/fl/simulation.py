@@ -9,6 +9,7 @@ downlink's model copies), nothing hidden.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Callable
 
 import numpy as np
@@ -24,6 +25,7 @@ from . import rng as rngs
 from .client import ClientRuntime, LocalTraining
 from .downlink import Downlink
 from .ledger import Ledger
+from .server_opt import ServerOptimizer, ServerOptimizerConfig
 
 
 @dataclass
@@ -37,6 +39,8 @@ class RunState:
     client_states: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)
     #: what the server keeps per client (its replica of the client's model under a delta downlink)
     server_states: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)
+    #: the server optimizer's state (momentum, Adam moments; empty for FedAvg)
+    optimizer_state: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 @dataclass
@@ -52,6 +56,11 @@ class Simulation:
     @property
     def spec(self) -> ModelSpec:
         return self.runtime.spec
+
+    @cached_property
+    def server_optimizer(self) -> ServerOptimizer:
+        """How a round's aggregate moves the global model (config ``server_optimizer``)."""
+        return ServerOptimizer(self.spec, ServerOptimizerConfig.from_config(self.cfg))
 
     def client_data(self, client: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Client ``client``'s training inputs and targets."""
