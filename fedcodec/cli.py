@@ -4,23 +4,61 @@ from __future__ import annotations
 
 import argparse
 import sys
+import textwrap
 from pathlib import Path
 
 from . import __version__
-from .config import METHODS, PRESETS, build_config, parse_assignments
+from .config import (CONFIG_KEYS, METHODS, PRESETS, Key, build_config, coerce, parse_assignments, parse_scalar,
+                     split_assignment)
 from .errors import ConfigError, FedcodecError
 
-_FLAG_KEYS = {"rounds": "rounds", "seed": "seed", "partition": "partition", "beta": "beta",
-              "clients": "num_clients", "per_round": "clients_per_round", "local_epochs": "local_epochs",
-              "lr": "lr", "batch_size": "batch_size", "data_dir": "data_dir", "out": "out_dir",
-              "threads": "threads", "dataset": "dataset", "model": "model"}
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows defaults; keeps a pre-formatted epilog (the config key table) as it is."""
+
+    def _fill_text(self, text, width, indent):
+        if "\n" in text:
+            return "".join(indent + line for line in text.splitlines(keepends=True))
+        return super()._fill_text(text, width, indent)
+
+
+def _keys_epilog() -> str:
+    """Every config key with what it takes, its default and its help text (from Config's fields)."""
+    lines = ["config keys: --set KEY=VALUE, or KEY = VALUE in a --config TOML file (the flags above set",
+             "some of them; KEY = default: what it takes):"]
+    for key in CONFIG_KEYS.values():
+        lines.append(f"  {key.name} = {key.show_default()}: {key.expected()}")
+        lines += textwrap.wrap(key.help, 96, initial_indent=" " * 6, subsequent_indent=" " * 6)
+    return "\n".join(lines) + "\n"
+
+
+def _flag_type(key: Key):
+    def parse(text: str):
+        try:
+            return key.parse(text)
+        except ConfigError as err:
+            raise argparse.ArgumentTypeError(str(err)) from None
+
+    return parse
+
+
+def _config_flags(p, names=None, **helps) -> None:
+    """The flags of Config keys that have one (``--per-round`` → clients_per_round), generated from
+    the key description; unset flags are absent from the parsed arguments."""
+    for key in CONFIG_KEYS.values():
+        if key.flag and (names is None or key.name in names):
+            bare = key.flag[2:].replace("-", "_")
+            metavar = "{" + ",".join(key.choices) + "}" if key.choices else bare.upper()
+            p.add_argument(key.flag, dest=key.name, type=_flag_type(key), default=argparse.SUPPRESS,
+                           metavar=metavar, help=helps.get(key.name, key.help) + ("" if bare == key.name
+                                                                                  else f" [{key.name}]"))
 
 
 def _add_run(sub) -> None:
     p = sub.add_parser("run", help="run a federated experiment (one or more methods)",
                        description="Run a federated experiment in-process. Writes metrics.json/csv and "
                                    "ledger.csv per method, a combined results.md table and plot.png.",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=_HelpFormatter, epilog=_keys_epilog())
     p.add_argument("--method", default="fedavg,fedmrn-binary",
                    help=f"comma-separated methods: {', '.join(METHODS)}")
     _experiment_args(p)
@@ -37,7 +75,7 @@ def _add_compare(sub) -> None:
                                    "plot.png (accuracy vs round and vs cumulative uplink MB, log x). Always "
                                    "resumable: a finished method is not rerun, an interrupted one continues from "
                                    "its checkpoint; rerun the same command to pick up where it stopped.",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=_HelpFormatter, epilog=_keys_epilog())
     p.add_argument("--method", default="fedavg,fp16,signsgd,ef-signsgd,qsgd-1,qsgd-4,topk-ef,fedpm,fedbat,"
                                        "fedmrn-binary,fedmrn-signed,fedmrn-binary-ec",
                    help=f"comma-separated methods: {', '.join(METHODS)}")
@@ -51,21 +89,8 @@ def _experiment_args(p) -> None:
     p.add_argument("--preset", choices=sorted(PRESETS), default="quick",
                    help="starting point: quick (~1 min per method here), bench, paper (GPU)")
     p.add_argument("--config", metavar="FILE", help="TOML file with config keys (overrides the preset)")
-    p.add_argument("--partition", choices=["iid", "dirichlet", "k-classes"])
-    p.add_argument("--beta", type=float, help="Dirichlet concentration (partition=dirichlet)")
-    p.add_argument("--rounds", type=int)
-    p.add_argument("--seed", type=int)
-    p.add_argument("--clients", type=int, help="number of clients")
-    p.add_argument("--per-round", type=int, help="clients sampled per round")
-    p.add_argument("--local-epochs", type=int)
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--lr", type=float, help="client learning rate (default: the method's own)")
-    p.add_argument("--dataset", choices=["fashion-mnist", "cifar10", "synthetic"])
-    p.add_argument("--model", choices=["cnn4", "cnn8"])
-    p.add_argument("--data-dir", help="directory holding the dataset files")
-    p.add_argument("--out", help="output root directory (default: runs)")
     p.add_argument("--name", help="run name (a folder under --out); default from dataset/partition/preset")
-    p.add_argument("--threads", type=int, help="torch CPU threads")
+    _config_flags(p)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="any config key, e.g. --set min_client_size=20; uplink codec options as codec.NAME=VALUE "
                         "(e.g. --set codec.noise=gaussian --set codec.entropy=true --set codec.ef=true); the "
@@ -76,9 +101,8 @@ def _experiment_args(p) -> None:
 
 def _configs(args):
     overrides, codec_opts = parse_assignments(args.set)
-    for flag, key in _FLAG_KEYS.items():
-        if getattr(args, flag) is not None:
-            overrides[key] = getattr(args, flag)
+    overrides.update({key.name: getattr(args, key.name) for key in CONFIG_KEYS.values()
+                      if key.flag and hasattr(args, key.name)})
     methods = [m.strip() for m in args.method.split(",") if m.strip()]
     if len(set(methods)) != len(methods):
         raise ConfigError(f"--method lists a method twice: {args.method}")
@@ -215,9 +239,9 @@ def _add_flower(sub) -> None:
     p.add_argument("mode", choices=["deploy-local", "simulate"])
     p.add_argument("--nodes", type=int, default=3, help="SuperNodes (= clients, one partition each); default 3")
     p.add_argument("--method", help="any method of `fedcodec codecs` (default: the app's, fedmrn-binary)")
-    p.add_argument("--rounds", type=int)
-    p.add_argument("--per-round", type=int, help="clients per round (default: all nodes)")
-    p.add_argument("--dataset", choices=["fashion-mnist", "cifar10", "synthetic"])
+    _config_flags(p, ("rounds", "clients_per_round", "dataset"),
+                  rounds="federated rounds (default: the app's)", dataset="dataset (default: the app's)",
+                  clients_per_round="clients per round (default: all nodes)")
     p.add_argument("--out", default="runs/flower",
                    help="directory for metrics.json, ledger.csv, model.pt; default runs/flower")
     p.add_argument("--app", help="Flower app directory (default: the repository's flower_app/)")
@@ -229,29 +253,24 @@ def _add_flower(sub) -> None:
 
 
 def _cmd_flower(args) -> int:
-    import tomllib
-
     try:
-        from .flower.common import run_config_items
+        from .flower.common import RUN_CONFIG_KEYS, run_config_items
         from .flower.launch import APP_DIR, LocalFederation
     except ImportError as err:
         print(f"fedcodec: error: Flower is not installed ({err}); pip install 'fedcodec[flower]'", file=sys.stderr)
         return 2
-    values = {"num_clients": args.nodes, "clients_per_round": args.per_round or args.nodes,
+    values = {"num_clients": args.nodes, "clients_per_round": getattr(args, "clients_per_round", None) or args.nodes,
               "out_dir": str(Path(args.out).resolve())}
     for key in ("method", "rounds", "dataset"):
-        if getattr(args, key) is not None:
+        if getattr(args, key, None) is not None:
             values[key] = getattr(args, key)
     items = run_config_items(values)
     for item in args.set:
-        if "=" not in item:
-            raise ConfigError(f"--set expects key=value, got {item!r}")
-        key, value = (part.strip() for part in item.split("=", 1))
-        try:
-            tomllib.loads(f"v = {value}")
-        except tomllib.TOMLDecodeError:  # a bare word: send it as a TOML string
-            value = '"' + value.replace('"', "") + '"'
-        items.append(f"{key.replace('_', '-')}={value}")
+        key, value = split_assignment(item)
+        key, value = key.replace("_", "-"), parse_scalar(value)
+        if not key.startswith("codec."):  # checked here as the apps will, before anything starts
+            coerce(key, value, keys=RUN_CONFIG_KEYS, what="run-config key")
+        items += run_config_items({key: value})
     fed = LocalFederation(args.nodes, workdir=args.workdir, simulation=args.mode == "simulate",
                           insecure=args.insecure)
     try:

@@ -1,17 +1,261 @@
-"""Typed experiment configuration: presets, TOML files and ``key=value`` overrides.
+"""Typed experiment configuration: one description of every key, presets, TOML files and overrides.
 
-Precedence (later wins): dataclass defaults < preset < TOML file < command-line flags.
+Every :class:`Config` field is described once, by its type annotation and :func:`setting` (default,
+help text, allowed values or range, command-line flag); :func:`describe` turns a dataclass into that
+description (:data:`CONFIG_KEYS` for Config). Everything else is derived from it: the
+``fedcodec run``/``compare`` flags and their ``--help``, the key table at the end of ``--help``, the
+checks of ``--config`` TOML files, ``--set key=value`` and Flower's run config (hyphenated keys, see
+:mod:`fedcodec.flower.common`), all through one function, :func:`coerce`. A field added with a plain
+default (``server_lr: float = 1.0``) is accepted by every source without more code.
+
+Precedence (later wins): dataclass defaults < preset < TOML file < command-line flags and ``--set``.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import functools
+import math
+import numbers
 import tomllib
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, Mapping
 
 from .errors import ConfigError
+
+#: a ``--config`` file larger than this is refused before it is parsed
+MAX_CONFIG_BYTES = 1 << 20
+#: strings that leave an optional key unset (``lr = "none"``, Flower's ``lr = ""``)
+UNSET_WORDS = ("", "none", "null")
+_TRUE, _FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
+_KINDS = {bool: "true or false", int: "an integer", float: "a number", str: "a string",
+          dict: 'codec options (a table, or "NAME=VALUE NAME=VALUE" text)'}
+
+
+def setting(default: Any, help: str = "", *, choices: tuple[str, ...] = (), at_least: float | None = None,
+            above: float | None = None, below: float | None = None, flag: str | None = None) -> Any:
+    """A described dataclass field: ``default``, ``help`` text (``--help`` and the docs), the allowed
+    ``choices`` or range (``at_least`` <= value, ``above`` < value, value < ``below``) and, for the
+    few keys that have one, the command-line ``flag`` (``"--per-round"``)."""
+    meta = {"key": {"help": help, "choices": tuple(choices), "at_least": at_least, "above": above,
+                    "below": below, "flag": flag}}
+    if isinstance(default, dict):
+        return field(default_factory=lambda: dict(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def _show(value: Any) -> str:
+    """``value`` for an error message: short, and never a walk through a nested structure."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, dict):
+        return "a table"
+    if isinstance(value, (list, tuple)):
+        return "an array"
+    if isinstance(value, (str, int, float)):
+        text = repr(value)
+        return text if len(text) <= 80 else text[:60] + "...' (" + f"{len(value)} characters)"
+    return f"a {type(value).__name__}"
+
+
+def _did_you_mean(word: str, known: typing.Iterable[str]) -> str:
+    close = difflib.get_close_matches(word, list(known), n=1) if len(word) <= 100 else []
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
+@dataclass(frozen=True)
+class Key:
+    """One config key: its field ``name``, type (``kind``: bool, int, float, str or dict of codec
+    options), whether None (unset) is allowed, its default, help text, allowed values and flag."""
+
+    name: str
+    kind: type
+    optional: bool = False
+    default: Any = None
+    help: str = ""
+    choices: tuple[Any, ...] = ()
+    at_least: float | None = None
+    above: float | None = None
+    below: float | None = None
+    flag: str | None = None
+
+    def expected(self) -> str:
+        """What the key takes, e.g. ``an integer >= 1`` or ``one of iid, dirichlet, k-classes``."""
+        if self.choices:
+            text = "one of " + ", ".join(map(str, self.choices))
+        else:
+            bounds = [f"{op} {_num(v)}" for op, v in ((">=", self.at_least), (">", self.above), ("<", self.below))
+                      if v is not None]
+            text = " ".join([_KINDS[self.kind], " and ".join(bounds)]).strip()
+        return text + (" or none" if self.optional else "")
+
+    def parse(self, value: Any, *, text: bool = True, name: str | None = None) -> Any:
+        """``value`` as this key's type. Strings are parsed when ``text`` (command line, ``--set``,
+        Flower); otherwise (TOML) only str keys and codec options (``"NAME=VALUE ..."``) take one.
+        An optional key takes None or one of :data:`UNSET_WORDS` as unset. Raises
+        :class:`ConfigError` naming ``name`` (the key as the user spelled it)."""
+        name = name or self.name
+        if self.optional and (value is None or isinstance(value, str) and value.strip().lower() in UNSET_WORDS):
+            return None
+        if isinstance(value, str) and self.kind is not str:
+            if not (text or self.kind is dict):
+                raise self._error(value, name, " (a string; in TOML write numbers and booleans without quotes)")
+            value = self._from_text(value, name)
+        return self.check(value, name)
+
+    def _from_text(self, text: str, name: str) -> Any:
+        word = text.strip()
+        if self.kind is bool and word.lower() in _TRUE + _FALSE:
+            return word.lower() in _TRUE
+        if self.kind is dict:
+            return parse_options(word, name)
+        try:
+            if self.kind is int:
+                return int(word)
+            if self.kind is float:
+                return float(word)
+        except ValueError:
+            pass
+        raise self._error(text, name)
+
+    def check(self, value: Any, name: str | None = None) -> Any:
+        """A native value (TOML, Flower, Python) checked against the key's type, choices and range;
+        returned as the key's type (an int for a float key becomes a float)."""
+        name = name or self.name
+        kind, given = self.kind, value
+        if value is None and self.optional:
+            return None
+        if kind is bool:
+            ok = isinstance(value, bool)
+        elif kind is int:
+            ok = isinstance(value, numbers.Integral) and not isinstance(value, bool)
+            value = int(value) if ok else value
+        elif kind is float:
+            ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+            value = float(value) if ok else value
+        elif kind is dict:
+            ok = isinstance(value, dict)
+            if ok:
+                value = {k: option_value(v, f"{name}.{k}") for k, v in value.items()}
+        else:
+            ok = isinstance(value, kind)
+        if not ok:
+            raise self._error(given, name)
+        if self.choices and value not in self.choices:
+            raise self._error(given, name, _did_you_mean(value, self.choices) if isinstance(value, str) else "")
+        if kind in (int, float) and not ((self.at_least is None or value >= self.at_least)
+                                         and (self.above is None or value > self.above)
+                                         and (self.below is None or value < self.below)):
+            raise self._error(given, name)
+        return value
+
+    def _error(self, value: Any, name: str, hint: str = "") -> ConfigError:
+        return ConfigError(f"{name} expects {self.expected()}, got {_show(value)}{hint}")
+
+    def show_default(self) -> str:
+        if self.kind is dict:
+            return format_options(self.default) or '""'
+        return _show(self.default) if self.default is not None else "none"
+
+
+def _num(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else str(value)
+
+
+def _kind(hint: Any, name: str) -> tuple[type, bool, tuple[Any, ...]]:
+    """A field's type annotation → (kind, optional, choices)."""
+    optional = False
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        optional = len(args) < len(typing.get_args(hint))
+        if len(args) != 1:
+            raise TypeError(f"config field {name}: a union of several types is not supported ({hint})")
+        hint = args[0]
+    if typing.get_origin(hint) is Literal:
+        choices = typing.get_args(hint)
+        return type(choices[0]), optional, choices
+    hint = typing.get_origin(hint) or hint
+    if hint not in _KINDS:
+        raise TypeError(f"config field {name}: type {hint} is not one of bool, int, float, str, dict")
+    return hint, optional, ()
+
+
+@functools.cache
+def describe(cls: type) -> dict[str, Key]:
+    """The key description of dataclass ``cls``, field by field (type from the annotation, the rest
+    from :func:`setting`; a plain field gets no help, choices or flag)."""
+    hints = typing.get_type_hints(cls)
+    keys = {}
+    for f in dataclasses.fields(cls):
+        kind, optional, choices = _kind(hints[f.name], f.name)
+        if f.default is not dataclasses.MISSING:
+            default = f.default
+        else:
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else None
+        meta = dict(f.metadata.get("key", {}))
+        meta["choices"] = meta.get("choices") or choices
+        keys[f.name] = Key(f.name, kind, optional, default, **meta)
+    return keys
+
+
+def lookup(name: str, keys: Mapping[str, Key], what: str = "config key") -> Key:
+    """The key called ``name`` in ``keys``; an unknown name raises :class:`ConfigError` with the
+    closest known name, or the list of them."""
+    if name in keys:
+        return keys[name]
+    hint = _did_you_mean(name, keys) or f"; known keys: {', '.join(sorted(keys))}"
+    raise ConfigError(f"unknown {what} {_show(name)}{hint}")
+
+
+def coerce(name: str, value: Any, *, text: bool = True, keys: Mapping[str, Key] | None = None,
+           what: str = "config key") -> tuple[str, Any]:
+    """The one parser of config values, for every source: ``name`` (as spelled in ``keys``, by
+    default :data:`CONFIG_KEYS`) and ``value`` → (field name, value of the field's type).
+
+    ``text=True`` (command line, ``--set``, Flower's run config): strings are parsed to the key's
+    type, native values are checked; ``text=False`` (TOML files): every value is checked as it is,
+    so ``rounds = "3"`` is an error. Every failure is a :class:`ConfigError` naming the key, the
+    value and what was expected.
+    """
+    key = lookup(name, CONFIG_KEYS if keys is None else keys, what)
+    return key.name, key.parse(value, text=text, name=name)
+
+
+def option_value(value: Any, name: str) -> Any:
+    """A codec option's value as given (its codec checks it), provided it is a scalar."""
+    if isinstance(value, (str, int, float)):  # bool is an int
+        return value
+    raise ConfigError(f"{name} expects a string, number or boolean, got {_show(value)}")
+
+
+def parse_scalar(text: str) -> Any:
+    """Parse a codec option value: TOML scalar syntax, or a bare word as a string."""
+    try:
+        parsed = tomllib.loads(f"v = {text}")
+    except (tomllib.TOMLDecodeError, RecursionError):
+        return text
+    return parsed["v"] if parsed.keys() == {"v"} else text
+
+
+def parse_options(text: str, name: str) -> dict[str, Any]:
+    """``"noise=gaussian pm=false"`` → ``{"noise": "gaussian", "pm": False}`` (codec options)."""
+    options = {}
+    for item in text.split():
+        opt, sep, value = item.partition("=")
+        if not (sep and opt):
+            raise ConfigError(f"{name} expects space-separated NAME=VALUE codec options (e.g. "
+                              f"\"noise=gaussian pm=false\"), got {_show(item)}")
+        options[opt] = option_value(parse_scalar(value), f"{name}.{opt}")
+    return options
+
+
+def format_options(options: Mapping[str, Any]) -> str:
+    """The inverse of :func:`parse_options` (for values without spaces)."""
+    return " ".join(f"{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in options.items())
 
 
 @dataclass(frozen=True)
@@ -57,53 +301,68 @@ for _k in (4, 16, 64):
 
 @dataclass
 class Config:
+    """One experiment. Each field's :func:`setting` is its documentation: ``fedcodec run --help``
+    lists them all, ``--set KEY=VALUE`` and ``--config FILE`` take any of them."""
+
     # run
-    seed: int = 0
-    rounds: int = 30
-    num_clients: int = 100
-    clients_per_round: int = 10
-    min_clients: int = 1
-    dropout: float = 0.0  # fraction of sampled clients that fail each round (never send)
-    stragglers: float = 0.0  # fraction that send after the round's deadline (bytes spent, update ignored)
+    seed: int = setting(0, "seed of every random choice (data partition, sampling, model init, codecs)",
+                        flag="--seed")
+    rounds: int = setting(30, "federated rounds", at_least=1, flag="--rounds")
+    num_clients: int = setting(100, "number of clients", at_least=1, flag="--clients")
+    clients_per_round: int = setting(10, "clients sampled per round (at most num_clients)", at_least=1,
+                                     flag="--per-round")
+    min_clients: int = setting(1, "fewer decodable updates in a round: the global model is kept", at_least=1)
+    dropout: float = setting(0.0, "simulated: fraction of the sampled clients that fail each round (never send)",
+                             at_least=0, below=1)
+    stragglers: float = setting(0.0, "simulated: fraction that send after the round's deadline (bytes spent, "
+                                "update ignored); dropout + stragglers < 1", at_least=0, below=1)
     # data
-    dataset: str = "fashion-mnist"
-    data_dir: str | None = None
-    allow_subset: bool = False  # accept dataset files smaller than the official release (fixtures)
-    partition: str = "iid"
-    beta: float = 0.3
-    classes_per_client: int = 3
-    min_client_size: int = 10
+    dataset: str = setting("fashion-mnist", "dataset", choices=("fashion-mnist", "cifar10", "synthetic"),
+                           flag="--dataset")
+    data_dir: str | None = setting(None, "directory holding the dataset files (none: the standard locations)",
+                                   flag="--data-dir")
+    allow_subset: bool = setting(False, "accept dataset files smaller than the official release (fixtures)")
+    partition: str = setting("iid", "how the training data is split among clients",
+                             choices=("iid", "dirichlet", "k-classes"), flag="--partition")
+    beta: float = setting(0.3, "Dirichlet concentration (partition=dirichlet)", above=0, flag="--beta")
+    classes_per_client: int = setting(3, "classes each client holds (partition=k-classes)")
+    min_client_size: int = setting(10, "fewest training examples a client may hold")
     # model
-    model: str = "cnn4"
-    init_std: float = 0.01
+    model: str = setting("cnn4", "model", choices=("cnn4", "cnn8"), flag="--model")
+    init_std: float = setting(0.01, "standard deviation of the initial weights")
     # local training
-    local_epochs: int = 2
-    batch_size: int = 64
-    lr: float | None = None  # None: the method's own learning rate
-    momentum: float = 0.0
-    weight_decay: float = 0.0
-    optimizer: str = "sgd"  # local optimizer: sgd or adam
-    keep_optimizer_state: bool = False  # a client keeps its optimizer state between rounds (else afresh)
+    local_epochs: int = setting(2, "local epochs per round", at_least=1, flag="--local-epochs")
+    batch_size: int = setting(64, "local minibatch size (>= 2: BatchNorm needs two samples)", at_least=2,
+                              flag="--batch-size")
+    lr: float | None = setting(None, "client learning rate (none: the method's own)", above=0, flag="--lr")
+    momentum: float = setting(0.0, "local SGD momentum")
+    weight_decay: float = setting(0.0, "local weight decay")
+    optimizer: str = setting("sgd", "local optimizer", choices=("sgd", "adam"))
+    keep_optimizer_state: bool = setting(False, "a client keeps its optimizer state between rounds (else afresh)")
     # method
-    method: str = "fedavg"
-    codec_options: dict[str, Any] = field(default_factory=dict)
-    downlink: str = "fp32"  # codec of the server -> client broadcast
-    downlink_options: dict[str, Any] = field(default_factory=dict)
-    downlink_delta: bool = False  # send global - (the client's copy) instead of the model
-    max_update_norm: float | None = None  # reject decoded updates with a larger L2 norm
-    # server optimizer (fedcodec.fl.server_opt): how the round's aggregate moves the global model
-    server_optimizer: str = "sgd"  # sgd (FedAvg), momentum (FedAvgM), adam (FedAdam) or yogi (FedYogi)
-    server_lr: float | None = None  # None: the optimizer's own (sgd, momentum 1.0; adam 0.1; yogi 0.01)
-    server_momentum: float = 0.9  # beta of momentum
-    server_beta1: float = 0.9  # adam, yogi
-    server_beta2: float = 0.99  # adam, yogi
-    server_tau: float = 1e-3  # adam, yogi: adaptivity
-    server_initial_v: float | None = None  # adam, yogi: v before the first round; None: server_tau**2
+    method: str = setting("fedavg", "a method of `fedcodec codecs`: uplink codec, its options, client lr")
+    codec_options: dict[str, Any] = setting({}, "uplink codec options over the method's (--set codec.NAME=VALUE)")
+    downlink: str = setting("fp32", "codec of the server -> client broadcast")
+    downlink_options: dict[str, Any] = setting({}, "downlink codec options (--set downlink.NAME=VALUE)")
+    downlink_delta: bool = setting(False, "send global - (the client's copy) instead of the model")
+    max_update_norm: float | None = setting(None, "reject decoded updates with a larger L2 norm (none: no bound)",
+                                            above=0)
+    # server optimizer (fedcodec.fl.server_opt, which checks these keys): how the round's aggregate moves
+    # the global model
+    server_optimizer: str = setting("sgd", "server optimizer: sgd (FedAvg), momentum (FedAvgM), adam (FedAdam) or "
+                                    "yogi (FedYogi)")
+    server_lr: float | None = setting(None, "server learning rate > 0 (none: the optimizer's own; sgd, momentum "
+                                      "1.0; adam 0.1; yogi 0.01)")
+    server_momentum: float = setting(0.9, "beta of momentum, in [0, 1)")
+    server_beta1: float = setting(0.9, "beta1 of adam and yogi, in [0, 1)")
+    server_beta2: float = setting(0.99, "beta2 of adam and yogi, in [0, 1)")
+    server_tau: float = setting(1e-3, "adaptivity tau > 0 of adam and yogi")
+    server_initial_v: float | None = setting(None, "adam, yogi: v >= 0 before the first round (none: server_tau**2)")
     # evaluation and output
-    eval_every: int = 1
-    out_dir: str = "runs"
-    checkpoint_every: int = 1
-    threads: int | None = None
+    eval_every: int = setting(1, "rounds between evaluations of the global model", at_least=1)
+    out_dir: str = setting("runs", "output root directory", flag="--out")
+    checkpoint_every: int = setting(1, "rounds between checkpoints", at_least=1)
+    threads: int | None = setting(None, "torch CPU threads (none: torch's choice)", flag="--threads")
 
     def method_spec(self) -> Method:
         if self.method not in METHODS:
@@ -119,26 +378,17 @@ class Config:
         return {**self.method_spec().options, **self.codec_options}
 
     def validate(self) -> "Config":
-        """Fail fast, before any data is loaded, with a message that says how to fix it."""
+        """Fail fast, before any data is loaded, with a message that says how to fix it: every field
+        against its key (type, choices, range), then the rules that tie fields together."""
         self.method_spec()
+        for key in CONFIG_KEYS.values():
+            key.check(getattr(self, key.name))
         checks = [
-            (self.rounds >= 1, "rounds must be >= 1"),
-            (self.num_clients >= 1, "num_clients must be >= 1"),
-            (1 <= self.clients_per_round <= self.num_clients,
+            (self.clients_per_round <= self.num_clients,
              f"clients_per_round must be in 1..num_clients ({self.num_clients}), got {self.clients_per_round}"),
-            (1 <= self.min_clients <= self.clients_per_round, "min_clients must be in 1..clients_per_round"),
-            (self.local_epochs >= 1, "local_epochs must be >= 1"),
-            (self.batch_size >= 2, "batch_size must be >= 2 (BatchNorm needs two samples)"),
-            (self.client_lr > 0, "lr must be positive"),
-            (self.optimizer in ("sgd", "adam"), f"optimizer must be sgd or adam, got {self.optimizer!r}"),
-            (self.beta > 0, "beta (Dirichlet concentration) must be positive"),
-            (self.eval_every >= 1, "eval_every must be >= 1"),
-            (self.checkpoint_every >= 1, "checkpoint_every must be >= 1"),
-            (0 <= self.dropout < 1 and 0 <= self.stragglers < 1 and self.dropout + self.stragglers < 1,
+            (self.min_clients <= self.clients_per_round, "min_clients must be in 1..clients_per_round"),
+            (self.dropout + self.stragglers < 1,
              "dropout and stragglers are fractions of the sampled clients: each in [0, 1), their sum < 1"),
-            (self.max_update_norm is None or self.max_update_norm > 0, "max_update_norm must be positive"),
-            (self.partition in ("iid", "dirichlet", "k-classes"),
-             f"partition must be iid, dirichlet or k-classes, got {self.partition!r}"),
         ]
         for ok, msg in checks:
             if not ok:
@@ -161,6 +411,9 @@ class Config:
         return dataclasses.asdict(self)
 
 
+#: every Config key, in field order
+CONFIG_KEYS: dict[str, Key] = describe(Config)
+
 PRESETS: dict[str, dict[str, Any]] = {
     # about a minute per method on a 2-core machine
     "quick": {"rounds": 5, "local_epochs": 1, "num_clients": 100, "clients_per_round": 5},
@@ -170,64 +423,60 @@ PRESETS: dict[str, dict[str, Any]] = {
     "paper": {"rounds": 100, "local_epochs": 10, "num_clients": 100, "clients_per_round": 10},
 }
 
-_FIELDS = {f.name: f for f in dataclasses.fields(Config)}
 
-
-def _coerce(key: str, value: Any) -> Any:
-    """Convert a string from the command line to the field's type."""
-    if key not in _FIELDS:
-        raise ConfigError(f"unknown config key {key!r}; known keys: {', '.join(sorted(_FIELDS))}")
-    if not isinstance(value, str):
-        return value
-    kind = str(_FIELDS[key].type)
-    if value.lower() in ("none", "null") and "None" in kind:
-        return None
-    if kind == "bool":
-        if value.lower() in ("true", "1", "yes", "on"):
-            return True
-        if value.lower() in ("false", "0", "no", "off"):
-            return False
-        raise ConfigError(f"{key} expects true or false, got {value!r}")
+def read_toml(file: str | Path) -> dict[str, Any]:
+    """A ``--config`` file's table. Refused with a :class:`ConfigError`: a missing or unreadable
+    file, one over :data:`MAX_CONFIG_BYTES` (before parsing), non-UTF-8 text, invalid or too
+    deeply nested TOML."""
     try:
-        if kind.startswith("int"):
-            return int(value)
-        if kind.startswith("float"):
-            return float(value)
-    except ValueError:
-        raise ConfigError(f"{key} expects {kind.split(' ')[0]}, got {value!r}") from None
-    return value
-
-
-def _parse_scalar(text: str) -> Any:
-    """Parse a codec option value: TOML scalar syntax, or a bare word as a string."""
+        with Path(file).open("rb") as fh:
+            data = fh.read(MAX_CONFIG_BYTES + 1)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {file} does not exist") from None
+    except OSError as err:
+        raise ConfigError(f"config file {file} cannot be read: {err.strerror or err}") from None
+    if len(data) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"config file {file} is larger than {MAX_CONFIG_BYTES} bytes; a config file holds "
+                          "a few keys")
     try:
-        return tomllib.loads(f"v = {text}")["v"]
-    except tomllib.TOMLDecodeError:
-        return text
+        return tomllib.loads(data.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {file} is not UTF-8 text") from None
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"config file {file} is not valid TOML: {err}") from None
+    except RecursionError:
+        raise ConfigError(f"config file {file} nests arrays or tables too deeply") from None
 
 
 def build_config(preset: str | None = None, file: str | Path | None = None,
-                 overrides: dict[str, Any] | None = None) -> Config:
+                 overrides: Mapping[str, Any] | None = None) -> Config:
+    """A validated Config from the defaults, a preset, a TOML file (values checked as they are) and
+    ``overrides`` (strings parsed, None = not given; codec options are merged, not replaced)."""
     values: dict[str, Any] = {}
     if preset is not None:
         if preset not in PRESETS:
             raise ConfigError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
         values.update(PRESETS[preset])
     if file is not None:
-        try:
-            data = tomllib.loads(Path(file).read_text())
-        except FileNotFoundError:
-            raise ConfigError(f"config file {file} does not exist") from None
-        except tomllib.TOMLDecodeError as err:
-            raise ConfigError(f"config file {file} is not valid TOML: {err}") from None
-        for k, v in data.items():
-            values[k] = _coerce(k, v)
-    for k, v in (overrides or {}).items():
-        if k in ("codec_options", "downlink_options") and isinstance(v, dict):
-            values[k] = {**values.get(k, {}), **v}
-        elif v is not None:
-            values[k] = _coerce(k, v)
+        for name, value in read_toml(file).items():
+            try:
+                values[name] = coerce(name, value, text=False)[1]
+            except ConfigError as err:
+                raise ConfigError(f"config file {file}: {err}") from None
+    for name, value in (overrides or {}).items():
+        if value is None:
+            continue
+        name, value = coerce(name, value)
+        values[name] = {**values.get(name, {}), **value} if CONFIG_KEYS[name].kind is dict else value
     return Config(**values).validate()
+
+
+def split_assignment(item: str) -> tuple[str, str]:
+    """``" key = value "`` → ``("key", "value")``."""
+    key, sep, value = item.partition("=")
+    if not sep:
+        raise ConfigError(f"--set expects key=value, got {item!r}")
+    return key.strip(), value.strip()
 
 
 def parse_assignments(items: list[str]) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -236,14 +485,13 @@ def parse_assignments(items: list[str]) -> tuple[dict[str, Any], dict[str, Any]]
     overrides: dict[str, Any] = {}
     codec: dict[str, Any] = {}
     for item in items:
-        if "=" not in item:
-            raise ConfigError(f"--set expects key=value, got {item!r}")
-        key, value = item.split("=", 1)
-        key = key.strip()
+        key, value = split_assignment(item)
         if key.startswith("codec."):
-            codec[key[len("codec."):]] = _parse_scalar(value.strip())
+            codec[key[len("codec."):]] = option_value(parse_scalar(value), key)
         elif key.startswith("downlink."):
-            overrides.setdefault("downlink_options", {})[key[len("downlink."):]] = _parse_scalar(value.strip())
+            option = option_value(parse_scalar(value), key)
+            overrides.setdefault("downlink_options", {})[key[len("downlink."):]] = option
         else:
-            overrides[key] = _coerce(key, value.strip())
+            name, parsed = coerce(key, value)
+            overrides[name] = parsed
     return overrides, codec

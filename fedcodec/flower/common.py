@@ -1,11 +1,12 @@
 """What the ServerApp and the ClientApp share: the run config → Config mapping and message keys.
 
 Flower's run config (``[tool.flwr.app.config]`` in ``flower_app/pyproject.toml``, overridden with
-``flwr run --run-config``) uses hyphenated keys; each one is a :class:`fedcodec.config.Config` field
-with ``-`` for ``_`` (``num-clients`` → ``num_clients``), except the few keys only the Flower apps
-read (:data:`FLOWER_KEYS`) and the codec options (``codec-options = "noise=gaussian pm=false"``, or
-``codec.NAME`` keys). An empty string means "unset" (``None``) for optional fields such as ``lr``
-or ``data-dir``.
+``flwr run --run-config``) uses hyphenated keys (:data:`RUN_CONFIG_KEYS`): every
+:class:`fedcodec.config.Config` key with ``-`` for ``_`` (``num-clients`` → ``num_clients``), and the
+few keys only the Flower apps read (the fields of :class:`FlowerSettings`). Values are parsed and
+checked by :func:`fedcodec.config.coerce`, as ``--set`` values are: the codec options are one string
+(``codec-options = "noise=gaussian pm=false"``; ``codec.NAME`` keys are taken too), and an empty
+string means "unset" (``None``) for optional keys such as ``lr`` or ``data-dir``.
 """
 
 from __future__ import annotations
@@ -15,8 +16,7 @@ import sys
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-from ..config import Config, build_config, parse_assignments
-from ..errors import ConfigError
+from ..config import CONFIG_KEYS, Config, build_config, coerce, describe, option_value, setting
 
 #: message types (Flower routes ``train`` to ``@app.train()``, ``query`` to ``@app.query()``)
 TRAIN, QUERY = "train", "query"
@@ -25,60 +25,45 @@ RECORD, METRICS = "fedcodec", "metrics"
 #: the ``simulate`` field of a train message: the config's simulated failures, acted out by the client
 SIMULATE_NONE, SIMULATE_DROPOUT, SIMULATE_STRAGGLER = "", "dropout", "straggler"
 
-#: run-config keys read by the Flower apps only, with their defaults
-FLOWER_KEYS: dict[str, Any] = {
-    "corrupt-partition": -1,  # test hook: this partition's ClientApp flips a byte of its payload
-    "round-timeout": 0.0,     # seconds to wait for replies in a round; 0 = until every reply is in
-    "straggler-timeout": 0.0,  # once min-clients replies are in, seconds to wait for the rest; 0 = no limit
-    "node-wait": 120.0,       # seconds the ServerApp waits for num-clients SuperNodes to connect
-    "resume": False,          # continue from out-dir/checkpoint.safetensors (a restarted ServerApp)
-}
-#: a string of space-separated ``NAME=VALUE`` codec options, e.g. ``"noise=gaussian pm=false"``
-#: (``flwr run --run-config`` can only override keys the app's pyproject declares, so the codec
-#: options travel as one string key rather than one key per option)
-CODEC_OPTIONS_KEY = "codec-options"
-DOWNLINK_OPTIONS_KEY = "downlink-options"
-
 
 @dataclass(frozen=True)
 class FlowerSettings:
-    corrupt_partition: int
-    round_timeout: float | None
-    straggler_timeout: float | None
-    node_wait: float
-    resume: bool = False
+    """The run-config keys only the Flower apps read (``corrupt-partition``, ``round-timeout``, ...),
+    described like :class:`~fedcodec.config.Config`'s. A timeout of 0 (or unset) is no limit: None."""
+
+    corrupt_partition: int = setting(-1, "test hook: this partition's ClientApp flips a byte of its payload")
+    round_timeout: float | None = setting(0.0, "seconds to wait for replies in a round; 0 = until every reply "
+                                          "is in", at_least=0)
+    straggler_timeout: float | None = setting(0.0, "once min-clients replies are in, seconds to wait for the "
+                                              "rest; 0 = no limit", at_least=0)
+    node_wait: float = setting(120.0, "seconds the ServerApp waits for num-clients SuperNodes to connect",
+                               at_least=0)
+    resume: bool = setting(False, "continue from out-dir/checkpoint.safetensors (a restarted ServerApp)")
+
+    def __post_init__(self):
+        for name in ("round_timeout", "straggler_timeout"):
+            if not getattr(self, name):
+                object.__setattr__(self, name, None)
+
+
+#: every key the Flower app's run config takes (and ``flower_app/pyproject.toml`` declares), hyphenated
+RUN_CONFIG_KEYS = {name.replace("_", "-"): key for name, key in {**CONFIG_KEYS, **describe(FlowerSettings)}.items()}
 
 
 def parse_run_config(run_config: Mapping[str, Any]) -> tuple[Config, FlowerSettings]:
     """Split Flower's run config into a validated :class:`Config` and the Flower-only settings."""
-    overrides: dict[str, Any] = {}
+    config: dict[str, Any] = {}
+    flower: dict[str, Any] = {}
     codec: dict[str, Any] = {}
-    flower = dict(FLOWER_KEYS)
-    for key, value in run_config.items():
-        if key in FLOWER_KEYS:
-            flower[key] = value
-        elif key.startswith("codec."):
-            codec[key[len("codec."):]] = value
-        elif key == CODEC_OPTIONS_KEY:
-            codec.update(parse_assignments([f"codec.{item}" for item in str(value).split()])[1])
-        elif key == DOWNLINK_OPTIONS_KEY:
-            overrides["downlink_options"] = parse_assignments([f"downlink.{item}" for item in
-                                                               str(value).split()])[0].get("downlink_options", {})
-        else:
-            overrides[key.replace("-", "_")] = None if value == "" else value
-    overrides = {k: v for k, v in overrides.items() if v is not None}
-    try:
-        cfg = build_config(None, None, {**overrides, "codec_options": codec})
-    except TypeError as err:  # a value of the wrong type that _coerce let through
-        raise ConfigError(f"invalid Flower run config: {err}") from None
-    timeout, straggler = float(flower["round-timeout"]), float(flower["straggler-timeout"])
-    resume = flower["resume"]
-    if isinstance(resume, str) and resume.lower() in ("true", "false"):
-        resume = resume.lower() == "true"
-    if not isinstance(resume, bool):
-        raise ConfigError(f"run config key resume expects true or false, got {resume!r}")
-    return cfg, FlowerSettings(int(flower["corrupt-partition"]), timeout if timeout > 0 else None,
-                               straggler if straggler > 0 else None, float(flower["node-wait"]), resume)
+    for name, value in run_config.items():
+        if name.startswith("codec."):
+            codec[name[len("codec."):]] = option_value(value, name)
+            continue
+        field, value = coerce(name, value, keys=RUN_CONFIG_KEYS, what="run-config key")
+        if value is not None:
+            (flower if field in describe(FlowerSettings) else config)[field] = value
+    config["codec_options"] = {**config.get("codec_options", {}), **codec}
+    return build_config(None, None, config), FlowerSettings(**flower)
 
 
 def run_config_items(cfg_overrides: Mapping[str, Any]) -> list[str]:

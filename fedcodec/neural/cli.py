@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -120,9 +119,3 @@ def run(args) -> int:
         np.save(dst, data.astype(np.float32))
     print(f"{src} → {dst}: {kind} of shape {tuple(data.shape)}")
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:  # pragma: no cover - convenience entry point
-    from ..cli import main as top
-
-    return top(["neural", *(argv or sys.argv[1:])])
