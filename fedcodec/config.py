@@ -135,9 +135,9 @@ class Config:
         for ok, msg in checks:
             if not ok:
                 raise ConfigError(msg)
-        from .codecs import build_codec
+        from .codecs import build_codec, build_uplink
 
-        build_codec(self.method_spec().codec, **self.uplink_options)  # unknown codec options fail here
+        build_uplink(self.method_spec().codec, **self.uplink_options)  # unknown codec options fail here
         if self.downlink_options.get("ef") in (True, "true"):
             raise ConfigError("the downlink takes no ef option: with downlink_delta=true the error is sent "
                               "next round anyway")
