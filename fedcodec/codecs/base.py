@@ -148,7 +148,8 @@ class Options:
 
     def __post_init__(self) -> None:
         for f in fields(self):
-            object.__setattr__(self, f.name, _typed(f.name, str(f.type), getattr(self, f.name)))
+            kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", "")
+            object.__setattr__(self, f.name, _typed(f.name, kind, getattr(self, f.name)))
         self.check()
 
     def check(self) -> None:
