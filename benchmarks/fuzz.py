@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from fedcodec.codecs import Codec, CodecContext, ModelSpec, available_codecs, build_codec, wire
+from fedcodec.codecs import Codec, CodecContext, ModelSpec, available_codecs, build_uplink, wire
 from fedcodec.errors import PayloadError
 from fedcodec.fl.rng import torch_generator
 from fedcodec.models import build_model
@@ -67,15 +67,16 @@ class Case:
 
 def make_case(name: str, spec: ModelSpec, n_valid: int = 4) -> Case:
     base, _, stage = name.partition("+")  # "fedmrn+ec": the codec with its entropy stage
-    codec = build_codec(base, entropy=stage == "ec")
+    uplink = build_uplink(base, entropy=stage == "ec")
+    codec, setup = uplink.codec, uplink.setup
     zero = {t.name: torch.zeros(t.shape) for t in spec.tensors}
     client_store, server_store = {}, None
     first = CodecContext(spec, client=0, round=1, seed=1, rng=torch_generator(99), reference=zero, state=client_store)
-    if codec.prepass(first) is not None:  # fit on update-like snapshots; the server accepts the setup message
+    if setup is not None and setup.prepass(first) is not None:  # fit on update-like snapshots; the server accepts the setup message
         snaps = [{t.name: torch.randn(t.shape, generator=torch.Generator().manual_seed(50 + j)) * 0.01
                   for t in spec.tensors} for j in range(4)]
         server_store = {}
-        codec.accept_setup(codec.fit(snaps, first), CodecContext(spec, client=0, round=1, state=server_store))
+        setup.accept_setup(setup.fit(snaps, first), CodecContext(spec, client=0, round=1, state=server_store))
     valid = []
     for i in range(n_valid):
         g = torch.Generator().manual_seed(i)
@@ -302,7 +303,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--inputs", type=int, default=10_000, help="inputs per codec (default 10000)")
     ap.add_argument("--seed", type=int, default=0)
-    every = sorted(available_codecs()) + sorted(f"{n}+ec" for n, i in available_codecs().items() if i.factory.symbolic)
+    every = sorted(available_codecs()) + sorted(f"{n}+ec" for n, i in available_codecs().items() if i.codec.symbolic)
     ap.add_argument("--codecs", default=",".join(every),
                     help="comma-separated codec names, NAME+ec for the entropy stage (default: every registered "
                          "codec, and each symbol-writing one with +ec)")

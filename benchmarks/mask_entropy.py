@@ -52,7 +52,7 @@ def main() -> None:
         from safetensors.torch import load_file
 
         params = {k: v for k, v in load_file(args.checkpoint).items() if "/" not in k}
-    plain = sim.runtime.uplink
+    plain = sim.runtime.uplink.codec
     ec = build_codec("fedmrn", **{**cfg.uplink_options, "entropy": True})
     masked, dense = sim.spec.select(("weight",)), sim.spec.select(("param", "buffer"))
     n, n_dense = sum(t.numel for t in masked), sum(t.numel for t in dense)
@@ -69,13 +69,13 @@ def main() -> None:
         body = bytes(wire.unpack(payload, plain.codec_id, sim.spec.fingerprint))
         bits = np.unpackbits(np.frombuffer(body[fixed:fixed + (n + 7) // 8], np.uint8), count=n, bitorder="little")
         seed = int.from_bytes(body[:8], "little")
-        noise = make_noise(seed, n, plain.noise, plain.alpha)
-        ctxs, k = noise_contexts(noise, plain.noise, plain.alpha)
+        noise = make_noise(seed, n, plain.options.noise, plain.options.alpha)
+        ctxs, k = noise_contexts(noise, plain.options.noise, plain.options.alpha)
         d = bits.mean()
         h_cond = sum((ctxs == j).sum() * entropy(np.array([bits[ctxs == j].mean()])) for j in range(k)) / n
         # re-encode the same mask bits with the entropy stage: its body is the fields, the coded
         # section and the dense values
-        w = ec.writer().u64(seed).u8(0).u8(0).f32(plain.alpha).symbols(bits, 2, ctxs, k)
+        w = ec.writer().u64(seed).u8(0).u8(0).f32(plain.options.alpha).symbols(bits, 2, ctxs, k)
         coded = len(w.getvalue()) - fixed
         rows.append((d, entropy(np.array([d])), h_cond, 8 * coded / n))
         print(f"| {c} | {d:.4f} | {rows[-1][1]:.4f} | {h_cond:.4f} | {rows[-1][3]:.4f} |")

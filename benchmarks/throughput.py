@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from fedcodec.codecs import CodecContext, ModelSpec, TensorSpec, build_codec
+from fedcodec.codecs import CodecContext, ModelSpec, TensorSpec, build_uplink
 from fedcodec.fl.rng import torch_generator
 
 CODECS = {
@@ -30,11 +30,12 @@ CODECS = {
 
 def measure(name: str, n: int, repeats: int) -> dict:
     codec_name, opts = CODECS[name]
-    codec = build_codec(codec_name, **opts)
+    uplink = build_uplink(codec_name, **opts)
+    codec = uplink.codec
     spec = ModelSpec((TensorSpec("w", (n, 1, 1, 1), "weight"),))
     g = torch.Generator().manual_seed(0)
     update = {"w": torch.randn(spec.tensors[0].shape, generator=g) * 0.01}
-    reference = {"w": codec.init_global({"w": torch.zeros(spec.tensors[0].shape)}, spec)["w"]}
+    reference = {"w": uplink.algorithm.init_global({"w": torch.zeros(spec.tensors[0].shape)}, spec)["w"]}
     if name == "fedmrn-binary" or name == "fedmrn-binary+ec":  # a realistic mask density: U inside [0, N]
         from fedcodec.codecs.fedmrn import make_noise
 

@@ -217,9 +217,9 @@ def _cmd_codecs(args) -> int:
 
     print("codecs:")
     for name, info in sorted(available_codecs().items()):
-        opts = ", ".join(f"{k}={v}" for k, v in info.options.items())
+        opts = ", ".join(f"{k}={v}" for k, v in info.defaults.items())
         print(f"  {name:12s} {info.summary}" + (f"  [{opts}]" if opts else ""))
-    symbolic = sorted(n for n, i in available_codecs().items() if i.factory.symbolic)
+    symbolic = sorted(n for n, i in available_codecs().items() if i.codec.symbolic)
     print("stages (any codec): ef=true (error feedback, lossy codecs); entropy=true (range coding; "
           f"codecs that write symbols: {', '.join(symbolic)})")
     print("methods (for --method):")

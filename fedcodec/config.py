@@ -393,11 +393,15 @@ class Config:
         for ok, msg in checks:
             if not ok:
                 raise ConfigError(msg)
-        from .codecs import build_codec
+        from .codecs import build_codec, build_uplink
         from .fl.server_opt import ServerOptimizerConfig
 
-        ServerOptimizerConfig.from_config(self)  # server_* keys fail here
-        build_codec(self.method_spec().codec, **self.uplink_options)  # unknown codec options fail here
+        server = ServerOptimizerConfig.from_config(self)  # server_* keys fail here
+        uplink = build_uplink(self.method_spec().codec, **self.uplink_options)  # unknown codec options fail here
+        if not uplink.algorithm.additive_step and (server.kind != "sgd" or server.step_size != 1.0):
+            raise ConfigError(f"method {self.method!r} sets the global model from the clients' messages (its "
+                              "server step is not 'add the aggregated update'), so a server optimizer has nothing "
+                              "to act on; leave server_optimizer=sgd and server_lr unset")
         if self.downlink_options.get("ef") in (True, "true"):
             raise ConfigError("the downlink takes no ef option: with downlink_delta=true the error is sent "
                               "next round anyway")

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from fedcodec.codecs import CodecContext, build_codec, wire
+from fedcodec.codecs import CodecContext, build_uplink, wire
 from fedcodec.codecs.autoencoder import KEY, SETUP_ID, fingerprint
 from fedcodec.config import Config
 from fedcodec.data import make_synthetic_images
@@ -24,7 +24,8 @@ OPTS = dict(chunk=16, latent=4, hidden=0, ae_steps=50, snapshots=6)
 
 
 def ae(**kw):
-    return build_codec("ae", **{**OPTS, **kw})
+    """The ae uplink: its codec, and its setup (pre-pass, fit, decoder acceptance)."""
+    return build_uplink("ae", **{**OPTS, **kw})
 
 
 def client_ctx(spec, store, rnd=1, client=3, reference=None, metrics=None):
@@ -42,13 +43,13 @@ def snapshots(spec, n=6, seed=0):
 
 def fitted(codec, spec, client=3, seed=0):
     store, metrics = {}, {}
-    message = codec.fit(snapshots(spec, seed=seed), client_ctx(spec, store, client=client, metrics=metrics))
+    message = codec.setup.fit(snapshots(spec, seed=seed), client_ctx(spec, store, client=client, metrics=metrics))
     return store, message, metrics
 
 
 def server_store(codec, spec, message, client=3):
     store = {}
-    codec.accept_setup(message, CodecContext(spec, client=client, round=1, state=store))
+    codec.setup.accept_setup(message, CodecContext(spec, client=client, round=1, state=store))
     return store
 
 
@@ -57,12 +58,12 @@ def test_decoder_bytes_round_trip_to_an_identical_decoder(hidden, dtype):
     spec = tiny_spec()
     codec = ae(hidden=hidden, decoder_dtype=dtype)
     store, message, metrics = fitted(codec, spec)
-    got = codec.read_decoder(message, spec)
+    got = codec.setup.read_decoder(message, spec)
     mine = {k: v for k, v in store.items() if k.startswith(KEY + "dec/")}
     assert got.keys() == mine.keys() and len(got) == (4 if hidden else 2)
     assert all(torch.equal(got[k], mine[k]) for k in got)
     itemsize = 2 if dtype == "fp16" else 4
-    assert len(message) == wire.envelope_overhead(SETUP_ID) + 13 + itemsize * codec.decoder_numel()
+    assert len(message) == wire.envelope_overhead(SETUP_ID) + 13 + itemsize * codec.codec.decoder_numel()
     assert metrics["ae_decoder_bytes"] == len(message) and 0 <= metrics["ae_fit_error"] < 1
     assert bytes(store[KEY + "fingerprint"].numpy()) == fingerprint(message)
 
@@ -78,7 +79,7 @@ def test_latents_decode_on_the_server_to_the_update_the_client_computed(bits, en
     mine = codec.decode(payload, client_ctx(spec, store, rnd=2))
     theirs = codec.decode(payload, client_ctx(spec, server_store(codec, spec, message), rnd=2))
     assert all(torch.equal(mine[k], theirs[k]) for k in mine)
-    coded = [t.name for t in codec.coded_specs(spec)[0]]  # the error is the AE's: of the tensors it codes
+    coded = [t.name for t in codec.codec.coded_specs(spec)[0]]  # the error is the AE's: of the tensors it codes
     err = math.sqrt(sum(float((mine[k].double() - update[k].double()).pow(2).sum()) for k in coded)
                     / sum(float(update[k].double().pow(2).sum()) for k in coded))
     assert metrics["ae_error"] == pytest.approx(err, rel=1e-6)
@@ -91,9 +92,9 @@ def test_payload_length_matches_the_format():
         codec = ae(dense=dense, bits=bits)
         store, _, _ = fitted(codec, spec)
         payload = codec.encode(random_update(spec, 1), client_ctx(spec, store, rnd=2))
-        coded, plain = codec.coded_specs(spec)
-        count = codec.num_chunks(spec) * codec.latent
-        latents = 2 * count if bits == 0 else 4 * codec.latent + math.ceil(count * bits / 8)
+        coded, plain = codec.codec.coded_specs(spec)
+        count = codec.codec.num_chunks(spec) * codec.codec.latent
+        latents = 2 * count if bits == 0 else 4 * codec.codec.latent + math.ceil(count * bits / 8)
         width = 2 if dense == "ae" else 4  # running statistics in float16 beside the AE's latents
         assert all(t.role == "buffer" for t in plain) == (dense == "ae")
         expected = (wire.envelope_overhead("ae") + 8 + 4 * len(coded) + latents + width * sum(t.numel for t in plain))
@@ -117,7 +118,7 @@ def test_a_linear_ae_reconstructs_updates_from_its_own_subspace_almost_exactly()
     ref = {t.name: torch.ones(t.shape) for t in spec.tensors}
     # keep running variances out of the log transform's way: their "update" is log-coded
     store = {}
-    codec.fit(snaps, client_ctx(spec, store, reference=ref))
+    codec.setup.fit(snaps, client_ctx(spec, store, reference=ref))
     m = {}
     codec.encode(snaps[-1], client_ctx(spec, store, rnd=2, reference=ref, metrics=m))
     assert m["ae_error"] < 0.2
@@ -166,26 +167,26 @@ def test_malformed_decoders_are_rejected_and_leave_the_store_unchanged():
     ]
     for reason, msg in bad:
         with pytest.raises(PayloadError) as err:
-            codec.accept_setup(msg, CodecContext(spec, client=4, round=3, state=store))
+            codec.setup.accept_setup(msg, CodecContext(spec, client=4, round=3, state=store))
         assert err.value.reason == reason and err.value.client == 4
         assert store.keys() == before.keys() and all(torch.equal(store[k], before[k]) for k in store)
     with pytest.raises(PayloadError, match="for codec .ae.,"):  # latents sent where a decoder belongs
-        codec.accept_setup(codec.encode(random_update(spec), client_ctx(spec, fitted(codec, spec)[0])),
+        codec.setup.accept_setup(codec.encode(random_update(spec), client_ctx(spec, fitted(codec, spec)[0])),
                            CodecContext(spec, client=4, round=3, state=store))
 
 
 def test_refresh_after_r_rounds_and_after_a_large_error():
     spec = tiny_spec()
     store = {}
-    assert ae().prepass(client_ctx(spec, store)) is not None  # never fitted: pre-pass
-    ae().fit(snapshots(spec), client_ctx(spec, store, rnd=2))
-    assert ae().prepass(client_ctx(spec, store, rnd=5)) is None
-    assert ae(refresh_every=3).prepass(client_ctx(spec, store, rnd=4)) is None
-    assert ae(refresh_every=3).prepass(client_ctx(spec, store, rnd=5)) is not None
+    assert ae().setup.prepass(client_ctx(spec, store)) is not None  # never fitted: pre-pass
+    ae().setup.fit(snapshots(spec), client_ctx(spec, store, rnd=2))
+    assert ae().setup.prepass(client_ctx(spec, store, rnd=5)) is None
+    assert ae(refresh_every=3).setup.prepass(client_ctx(spec, store, rnd=4)) is None
+    assert ae(refresh_every=3).setup.prepass(client_ctx(spec, store, rnd=5)) is not None
     store[KEY + "error"] = torch.tensor(0.5)
-    assert ae(refresh_error=0.6).prepass(client_ctx(spec, store, rnd=5)) is None
-    assert ae(refresh_error=0.4).prepass(client_ctx(spec, store, rnd=5)) is not None
-    plan = ae(prepass_epochs=3, snapshots=7).prepass(client_ctx(spec, {}))
+    assert ae(refresh_error=0.6).setup.prepass(client_ctx(spec, store, rnd=5)) is None
+    assert ae(refresh_error=0.4).setup.prepass(client_ctx(spec, store, rnd=5)) is not None
+    plan = ae(prepass_epochs=3, snapshots=7).setup.prepass(client_ctx(spec, {}))
     assert (plan.epochs, plan.snapshots) == (3, 7)
 
 

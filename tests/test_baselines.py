@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from fedcodec.codecs import ModelSpec, TensorSpec, build_codec, wire
-from fedcodec.codecs.base import split_specs, weighted_mean
+from fedcodec.codecs import ModelSpec, TensorSpec, build_codec, build_uplink, wire
+from fedcodec.codecs.algorithms import weighted_mean
+from fedcodec.codecs.base import split_specs
 from fedcodec.codecs.qsgd import grid
 from fedcodec.codecs.stages import RESIDUAL
 from fedcodec.codecs.topk import decode_positions, encode_positions, keep_count, top_indices
@@ -502,14 +503,15 @@ def test_signsgd_vote_aggregate_by_hand():
         (1, 2.0, {"w": [2, -2, -2, 2], "v": [-1, 1], "b": [3, 4]}),
         (2, 1.0, {"w": [3, -3, 3, 3], "v": [0, 0], "b": [5, 6]}),  # v all zero: abstains
     ]
-    codec = build_codec("signsgd", vote=True)
+    uplink = build_uplink("signsgd", vote=True)
+    codec = uplink.codec
     decoded = []
     for client, weight, upd in clients:
         upd = {k: torch.tensor(v, dtype=torch.float32) for k, v in upd.items()}
         c = ctx(spec, client=client)
         decoded.append((client, weight, codec.decode(codec.encode(upd, c), c)))
         assert all(torch.equal(decoded[-1][2][k], upd[k]) for k in upd)
-    step = codec.aggregate(spec, {}, decoded)
+    step = uplink.algorithm.aggregate(spec, {}, decoded)
     # w: votes (3, -1, -1, 1) → signs (1, -1, -1, 1); scale (1·1 + 2·2 + 1·3) / 4 = 2
     assert step["w"].dtype == torch.float64 and step["w"].tolist() == [2.0, -2.0, -2.0, 2.0]
     # v: votes (1 - 1 + 0, 1 + 1 + 0) = (0, 2) → (0, 1); scale (1·0.5 + 2·1 + 1·0) / 4 = 0.625
@@ -517,12 +519,12 @@ def test_signsgd_vote_aggregate_by_hand():
     # b (dense): weighted mean ([1, 2] + 2·[3, 4] + [5, 6]) / 4
     assert step["b"].tolist() == [3.0, 4.0]
     # without vote: the plain weighted mean, which differs
-    plain = build_codec("signsgd").aggregate(spec, {}, decoded)
+    plain = build_uplink("signsgd").algorithm.aggregate(spec, {}, decoded)
     assert plain["w"].tolist() == [2.0, -1.5, -0.5, 1.5]
     assert all(torch.equal(plain[k], weighted_mean(spec, decoded)[k]) for k in plain)
-    # through the server's aggregate and the error-feedback wrapper
+    # through the server's aggregate, with error feedback on
     zero = {t.name: torch.zeros(t.shape) for t in spec.tensors}
-    new = aggregate(spec, zero, decoded, build_codec("signsgd", vote=True, ef=True))
+    new = aggregate(spec, zero, decoded, build_uplink("signsgd", vote=True, ef=True).algorithm)
     assert new["w"].tolist() == [2.0, -2.0, -2.0, 2.0] and new["v"].tolist() == [0.0, 0.625]
 
 
@@ -532,7 +534,7 @@ def test_signsgd_vote_aggregate_by_hand():
 
 def test_error_feedback_with_topk_keeps_the_residual():
     spec = synthetic_spec()
-    codec = build_codec("topk", ef=True, fraction=0.05)
+    codec = build_uplink("topk", ef=True, fraction=0.05)
     state: dict = {}
     u1, u2 = random_update(spec, seed=21), random_update(spec, seed=22)
     decoded = []
@@ -564,8 +566,8 @@ def test_bad_options_are_config_errors():
                           ("signsgd", {"vote": "maybe"}), ("signsgd", {"levels": 4})]:
         with pytest.raises(ConfigError):
             build_codec(name, **options)
-    assert build_codec("signsgd", vote="true").vote is True
-    assert build_codec("qsgd", levels=255).levels == 255
+    assert build_codec("signsgd", vote="true").options.vote is True
+    assert build_codec("qsgd", levels=255).options.levels == 255
 
 
 def test_qsgd_needs_the_client_generator():

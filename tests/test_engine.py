@@ -198,10 +198,10 @@ def test_config_layers_and_validation(tmp_path):
 
 def test_finite_but_huge_updates_cannot_overflow_the_model():
     """Each value decodes as finite, yet applying it twice would overflow float32 (found by fuzzing)."""
-    from fedcodec.codecs import CodecContext, build_codec
+    from fedcodec.codecs import CodecContext, build_uplink
     from helpers import tiny_spec
 
-    spec, codec = tiny_spec(), build_codec("fp32")
+    spec, codec = tiny_spec(), build_uplink("fp32")
     top = torch.finfo(torch.float32).max
     big = codec.encode({t.name: torch.full(t.shape, top) for t in spec.tensors}, CodecContext(spec, 0, 0))
     ok = codec.encode({t.name: torch.ones(t.shape) for t in spec.tensors}, CodecContext(spec, 0, 0))

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from fedcodec.codecs import build_codec, wire
+from fedcodec.codecs import build_codec, build_uplink, wire
 from fedcodec.codecs.fedmrn import MaskedNoiseTraining, make_noise
 from fedcodec.errors import ConfigError, PayloadError
 from helpers import ctx, random_update, tiny_spec
@@ -78,9 +78,10 @@ def test_encoder_and_decoder_use_identical_noise(mask):
     """The training-time noise (client) and the regenerated noise (server) are bit-identical:
     a masked update survives the wire exactly."""
     spec = tiny_spec()
-    codec = build_codec("fedmrn", mask=mask)
+    uplink = build_uplink("fedmrn", mask=mask)
+    codec = uplink.codec
     c = ctx(spec)
-    param = codec.parametrization(c, {})
+    param = uplink.algorithm.parametrization(c, {})
     g = torch.Generator().manual_seed(1)
     values = {}
     for name in param.names:
@@ -221,3 +222,14 @@ def test_bad_options_are_config_errors():
         build_codec("fedmrn", beta=1)
     with pytest.raises(ConfigError, match="unknown codec"):
         build_codec("nope")
+
+
+def test_cnn4_fashion_mnist_payload_is_56462_bytes():
+    """The headline size: a CNN4 FedMRN (binary mask, no entropy coding) update for 1x28x28 inputs and
+    10 classes, 389,920 masked weights and 1,920 float32 values: 28 + 14 + 48,740 + 7,680 bytes."""
+    from fedcodec.codecs import ModelSpec
+    from fedcodec.models import build_model
+
+    spec = ModelSpec.from_model(build_model("cnn4", (1, 28, 28), 10, seed=0))
+    zero = {t.name: torch.zeros(t.shape) for t in spec.tensors}
+    assert len(build_codec("fedmrn", mask="binary").encode(zero, ctx(spec))) == 56_462

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
-from fedcodec.codecs import CodecContext, ModelSpec, TensorSpec, build_codec, wire
+from fedcodec.codecs import CodecContext, ModelSpec, TensorSpec, build_codec, build_uplink, wire
 from fedcodec.codecs.fedbat import LOG_STEP, STEP, StochasticBinaryTraining
 from fedcodec.codecs.fedmrn import make_noise
 from fedcodec.codecs.fedpm import EPS, BernoulliMaskTraining
@@ -83,7 +83,8 @@ def test_fedpm_frozen_weights_are_signed_kaiming_and_seeded():
 
 def test_fedpm_init_global_and_eval_params_are_deterministic():
     spec = tiny_spec()
-    codec = build_codec("fedpm")
+    codec = build_uplink("fedpm").algorithm
+    assert codec.additive_step is False  # the Beta posterior sets theta; it is no update to add
     params = random_update(spec, seed=3, scale=0.2)
     g = codec.init_global(params, spec)
     w0 = codec.frozen(spec)
@@ -107,7 +108,7 @@ def test_fedpm_init_global_and_eval_params_are_deterministic():
                                                               w0["conv.weight"].view(-1)[1:3])
     assert all(torch.equal(e1[t.name], model[t.name]) for t in spec.tensors if t.role != "weight")
     # a fresh codec (another process) evaluates the same network
-    fresh = build_codec("fedpm")
+    fresh = build_uplink("fedpm").algorithm
     assert all(torch.equal(e1[n], fresh.eval_params(model, spec, 5)[n]) for n in e1)
     # the sample follows theta: over many seeds, the mean of the evaluated mask approaches theta
     masks = torch.stack([codec.eval_params(model, spec, s)["fc.weight"] / w0["fc.weight"] for s in range(400)])
@@ -153,7 +154,8 @@ def test_fedpm_mask_probability_is_reference_plus_update_over_w0():
 
 def test_fedpm_aggregate_is_the_beta_posterior_mean():
     spec = ModelSpec((TensorSpec("w", (3, 2), "weight"), TensorSpec("b", (3,), "param")))
-    codec = build_codec("fedpm")
+    uplink = build_uplink("fedpm")
+    codec = uplink.codec
     w0 = codec.frozen(spec)["w"]
     assert torch.equal(w0.abs(), torch.ones(3, 2))  # fan_in 2: sqrt(2/2)
     theta = torch.tensor([[0.1, 0.5], [0.9, 0.3], [0.7, 0.2]])
@@ -167,7 +169,7 @@ def test_fedpm_aggregate_is_the_beta_posterior_mean():
     for k, (m, d, wt) in enumerate(zip(masks, dense, weights)):
         update = {"w": w0 * m - glob["w"], "b": d}  # theta' = m exactly: the encoder's mask is m
         payloads[k] = (codec.encode(update, ctx(spec, rng_seed=k, reference=glob)), wt)
-    new, outcome = server_round(codec, spec, glob, 1, payloads)
+    new, outcome = server_round(uplink, spec, glob, 1, payloads)
     assert outcome.accepted == [0, 1, 2]
     expected = (1 + sum(masks)) / (2 + 3) * w0
     assert torch.allclose(new["w"], expected, rtol=0, atol=1e-7)
@@ -180,16 +182,16 @@ def test_fedpm_aggregate_is_the_beta_posterior_mean():
         upd = codec.decode(codec.encode({"w": w0 * m - ref["w"], "b": dense[k]}, ctx(spec, reference=ref)),
                            ctx(spec, reference=ref))
         decoded.append((k, weights[k], upd))
-    assert torch.allclose(aggregate(spec, glob, decoded, codec)["w"], expected, rtol=0, atol=1e-7)
+    assert torch.allclose(aggregate(spec, glob, decoded, uplink.algorithm)["w"], expected, rtol=0, atol=1e-7)
     # with a prior of strength 4 centred on the current theta: (1 + 4 theta + sum m) / (2 + 4 + 3)
-    carried = build_codec("fedpm", prior_strength=4.0)
+    carried = build_uplink("fedpm", prior_strength=4.0)
     new, _ = server_round(carried, spec, glob, 1, payloads)
     assert torch.allclose(new["w"] / w0, (1 + 4 * theta + sum(masks)) / 9, rtol=0, atol=1e-6)
 
 
 def test_fedpm_parametrization_samples_masks_and_passes_gradients_through_sigmoid():
     spec = ModelSpec((TensorSpec("w", (400, 50), "weight"),))
-    codec = build_codec("fedpm")
+    codec = build_uplink("fedpm").algorithm
     w0 = codec.frozen(spec)["w"]
     theta = torch.rand(400, 50, generator=torch.Generator().manual_seed(0))
     theta.view(-1)[:2] = torch.tensor([0.0, 1.0])
@@ -294,8 +296,7 @@ def test_fedbat_binarization_is_unbiased_inside_the_step():
 def test_fedbat_parametrization_values_gradients_and_finish():
     n = 10_000
     spec = ModelSpec((TensorSpec("w", (n,), "weight"), TensorSpec("b", (3,), "param")))
-    codec = build_codec("fedbat", step=0.02)
-    param = codec.parametrization(ctx(spec), {})
+    param = build_uplink("fedbat", step=0.02).algorithm.parametrization(ctx(spec), {})
     assert isinstance(param, StochasticBinaryTraining) and param.names == ("w",)
     latent = param.init()
     assert set(latent) == {"w", "w" + LOG_STEP}
@@ -326,12 +327,12 @@ def test_fedbat_parametrization_values_gradients_and_finish():
 # local training through the engine's client loop
 
 
-def _runtime(codec, model):
+def _runtime(uplink, model):
     spec = ModelSpec.from_model(model)
     tensors = dict(model.named_parameters()) | dict(model.named_buffers())
-    initial = codec.init_global({t.name: tensors[t.name].detach().clone() for t in spec.tensors}, spec)
+    initial = uplink.algorithm.init_global({t.name: tensors[t.name].detach().clone() for t in spec.tensors}, spec)
     downlink = Downlink(build_codec("fp32"), False, spec, 0, initial)
-    return ClientRuntime(model, spec, codec, downlink, run_seed=0), initial
+    return ClientRuntime(model, spec, uplink, downlink, run_seed=0), initial
 
 
 def _batch():
@@ -364,12 +365,12 @@ TRAINING = [("fedpm", {}, 5.0, "tiny", 0.1, 0.02), ("fedbat", {"step": 0.05}, 1.
 def test_local_training_decreases_the_loss(name, options, lr, model, drop, masked_drop):
     """A few local steps through the engine's client loop (stochastic forward passes) lower the loss of
     the model the update describes, and the masked/binarized tensors take part in that."""
-    codec = build_codec(name, **options)
-    rt, glob = _runtime(codec, _model(model))
+    uplink = build_uplink(name, **options)
+    rt, glob = _runtime(uplink, _model(model))
     x, y = _batch()
     spec = rt.spec
     c = ctx(spec, rng_seed=5, reference=glob)
-    param = codec.parametrization(c, glob)
+    param = uplink.algorithm.parametrization(c, glob)
     update, _ = local_train(rt, glob, x, y, LocalTraining(epochs=40, batch_size=64, lr=lr), param,
                             torch.Generator().manual_seed(0))
     masked = {t.name for t in spec.select(("weight",))}
@@ -380,12 +381,12 @@ def test_local_training_decreases_the_loss(name, options, lr, model, drop, maske
     assert after < before - drop, (before, after)
     assert only_masked < before - masked_drop, (before, only_masked)
     # what is sent decodes to a model about as good as the trained one
-    dec = codec.decode(codec.encode(update, c), ctx(spec, reference=glob))
+    dec = uplink.decode(uplink.encode(update, c), ctx(spec, reference=glob))
     sent = _loss(rt, {n: glob[n] + dec[n] for n in spec.names}, x, y)
     assert sent < before - drop / 2, (before, sent)
     if name == "fedbat":
         assert all(update[n + STEP].numel() == 1 for n in masked)
-        assert all(float(update[n + STEP]) != np.float32(codec.step) for n in masked)  # the step was trained
+        assert all(float(update[n + STEP]) != np.float32(uplink.codec.options.step) for n in masked)  # the step was trained
 
 
 @pytest.mark.parametrize("method", ["fedpm", "fedbat"])
@@ -402,8 +403,7 @@ def test_engine_rounds_with_each_method(method):
     assert [r["accepted"] for r in state.records] == [3, 3]
     assert all(math.isfinite(r["accuracy"]) for r in state.records if "accuracy" in r)
     if method == "fedpm":  # every masked weight is w0 * (1 + j) / (2 + K), j masks of K = 3 set
-        codec = sim.runtime.uplink
-        for name, w0 in codec.frozen(sim.spec).items():
+        for name, w0 in sim.runtime.uplink.algorithm.frozen(sim.spec).items():
             theta = state.global_params[name].double() / w0.double()
             levels = torch.tensor([1 / 5, 2 / 5, 3 / 5, 4 / 5], dtype=torch.float64)
             assert float((theta.reshape(-1, 1) - levels).abs().min(1).values.max()) < 1e-6, name
@@ -495,4 +495,4 @@ def test_bad_options_are_config_errors():
     for bad in (0, -0.1, float("nan"), float("inf"), 1e-50, "big"):
         with pytest.raises(ConfigError):
             build_codec("fedbat", step=bad)
-    assert build_codec("fedpm", weight_seed=2**64 - 1).weight_seed == 2**64 - 1
+    assert build_codec("fedpm", weight_seed=2**64 - 1).options.weight_seed == 2**64 - 1

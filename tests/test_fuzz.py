@@ -28,14 +28,14 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fedcodec.codecs import Codec, CodecContext, ModelSpec, available_codecs, build_codec, wire
+from fedcodec.codecs import Codec, CodecContext, ModelSpec, Uplink, available_codecs, build_uplink, wire
 from fedcodec.errors import PayloadError
 from fedcodec.fl.server import aggregate, server_round
 from helpers import ctx, random_update, tiny_spec
 
 # every codec with its defaults, and every symbol-writing codec with its entropy stage ("name+ec")
 CODECS = sorted(available_codecs()) + sorted(f"{n}+ec" for n, info in available_codecs().items()
-                                             if info.factory.symbolic)
+                                             if info.codec.symbolic)
 N_VALID = 3  # valid payloads per codec and spec that the mutations start from
 
 
@@ -61,6 +61,7 @@ def cnn4_spec() -> ModelSpec:
 @dataclass(frozen=True)
 class Case:
     name: str
+    uplink: Uplink
     codec: Codec
     spec: ModelSpec
     valid: tuple[bytes, ...]
@@ -83,15 +84,16 @@ class Case:
 @functools.cache
 def case(name: str, model: str = "tiny") -> Case:
     base, _, stage = name.partition("+")
-    codec = build_codec(base, entropy=stage == "ec")
+    uplink = build_uplink(base, entropy=stage == "ec")
+    codec, setup = uplink.codec, uplink.setup
     spec = tiny_spec() if model == "tiny" else cnn4_spec()
     client_store = server_store = None
     first = dataclasses.replace(ctx(spec, seed=1), state={})
-    if codec.prepass(first) is not None:  # fit it on a few update-like snapshots; the server keeps its setup
+    if setup is not None and setup.prepass(first) is not None:  # fit it on a few update-like snapshots; the server keeps its setup
         client_store, server_store = first.state, {}
-        message = codec.fit([random_update(spec, seed=50 + j, scale=0.01) for j in range(4)], first)
-        codec.accept_setup(message, CodecContext(spec, client=0, round=1, state=server_store))
-    c = Case(name, codec, spec, (), client_store, server_store)
+        message = setup.fit([random_update(spec, seed=50 + j, scale=0.01) for j in range(4)], first)
+        setup.accept_setup(message, CodecContext(spec, client=0, round=1, state=server_store))
+    c = Case(name, uplink, codec, spec, (), client_store, server_store)
     valid = tuple(codec.encode(random_update(spec, seed=i, scale=0.01 * 10 ** i), c.encode_ctx(100 + i, i))
                   for i in range(N_VALID))
     return dataclasses.replace(c, valid=valid)
@@ -457,7 +459,7 @@ def test_server_round_never_poisons_the_global_model(name, data, min_clients):
         payloads[client] = (payload, data.draw(st.floats(1.0, 1000.0)))
     global_params = random_update(c.spec, seed=99, scale=0.1)
     stores = {client: c.server_store for client in payloads} if c.server_store is not None else None
-    new, outcome = server_round(c.codec, c.spec, global_params, 1, payloads, min_clients=min_clients, stores=stores)
+    new, outcome = server_round(c.uplink, c.spec, global_params, 1, payloads, min_clients=min_clients, stores=stores)
 
     assert sorted(outcome.accepted + list(outcome.rejected)) == sorted(payloads)
     assert not set(outcome.accepted) & set(outcome.rejected)
@@ -473,6 +475,6 @@ def test_server_round_never_poisons_the_global_model(name, data, min_clients):
         assert new[t.name].dtype == torch.float32 and tuple(new[t.name].shape) == t.shape
         assert bool(torch.isfinite(new[t.name]).all()), t.name
     # rejected payloads leave no trace: the model is what the accepted ones alone make
-    want = aggregate(c.spec, global_params, expected, c.codec) if len(expected) >= min_clients else global_params
+    want = aggregate(c.spec, global_params, expected, c.uplink.algorithm) if len(expected) >= min_clients else global_params
     for t in c.spec.tensors:
         assert torch.equal(new[t.name], want[t.name]), t.name

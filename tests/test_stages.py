@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
-from fedcodec.codecs import Codec, build_codec, wire
+from fedcodec.codecs import Codec, build_codec, build_uplink, wire
 from fedcodec.codecs.stages import RESIDUAL, ErrorFeedback
 from fedcodec.config import Config
 from fedcodec.data import make_synthetic_images
@@ -37,14 +38,15 @@ def test_error_feedback_identity_sent_plus_memory_equals_input():
     sum of the true updates, exactly up to float rounding (for trained tensors; running statistics
     keep no memory)."""
     spec = tiny_spec()
-    ef, state = ErrorFeedback(Rounding()), {}
+    codec = Rounding()
+    ef, state = ErrorFeedback(codec), {}
     sent = {t.name: torch.zeros(t.shape) for t in spec.tensors}
     true = {t.name: torch.zeros(t.shape) for t in spec.tensors}
     for r in range(5):
         upd = random_update(spec, seed=r, scale=0.004)  # most values round to 0 on their own
         c = ctx(spec)
         c.state = state
-        got = ef.decode(ef.encode(upd, c), c)
+        got = codec.decode(ef.encode(upd, c), c)
         for n in true:
             true[n] += upd[n]
             sent[n] += got[n]
@@ -68,14 +70,16 @@ def test_error_feedback_needs_a_state_store_and_a_lossy_codec():
     with pytest.raises(ConfigError, match="state store"):
         ErrorFeedback(Rounding()).encode(random_update(spec), ctx(spec))
     with pytest.raises(ConfigError, match="lossless"):
-        build_codec("fp32", ef=True)
+        build_uplink("fp32", ef=True)
+    with pytest.raises(ConfigError, match="uplink only"):  # a plain codec (the downlink's) takes no ef
+        build_codec("fedmrn", ef=True)
     with pytest.raises(ConfigError, match="no symbols"):
         build_codec("fp32", entropy=True)
 
 
 def test_error_feedback_keeps_the_wire_format_of_its_codec():
     spec = tiny_spec()
-    plain, ef = build_codec("fedmrn"), build_codec("fedmrn", ef=True)
+    plain, ef = build_codec("fedmrn"), build_uplink("fedmrn", ef=True)
     c1, c2 = ctx(spec), ctx(spec)
     c2.state = {}
     assert plain.encode(random_update(spec), c1) == ef.encode(random_update(spec), c2)  # empty memory
@@ -196,3 +200,72 @@ def test_payload_errors_survive_pickling():
 
     err = pickle.loads(pickle.dumps(PayloadError("size", "too long", 7)))
     assert (err.reason, err.detail, err.client, str(err)) == ("size", "too long", 7, str(PayloadError("size", "too long", 7)))
+
+
+class Ternary(Codec):
+    """A new codec in one small class: every value to -s, 0 or +s (s: half the largest magnitude),
+    sent as a float32 scale and one symbol section of alphabet 3. Nothing but the wire format."""
+
+    codec_id = "ternary"
+    symbolic = True
+
+    def encode_body(self, update, c):
+        flat = c.spec.flatten(update, list(c.spec.tensors))
+        s = np.float32(np.abs(flat).max() / 2) if flat.size else np.float32(0)
+        q = np.clip(np.rint(flat / s), -1, 1) + 1 if s > 0 else np.ones(flat.size)
+        return self.writer().f32(s).symbols(q.astype(np.uint8), 3).getvalue()
+
+    def decode_body(self, reader, c):
+        s = np.float32(reader.f32("scale"))
+        q = reader.symbols(c.spec.numel(), 3, "levels")
+        return c.spec.unflatten((q.astype(np.float32) - 1) * s, list(c.spec.tensors))
+
+
+def test_a_new_codec_runs_with_error_feedback_and_the_entropy_stage_without_engine_changes(monkeypatch):
+    from fedcodec.codecs import registry
+    from fedcodec.config import METHODS, Method
+
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))  # registered for this test only
+    registry.register("ternary", "three levels per value (test codec)")(Ternary)
+    monkeypatch.setitem(METHODS, "ternary-ef-ec", Method("ternary", {"ef": True, "entropy": True}, 0.03, "test"))
+    uplink = build_uplink("ternary", ef=True, entropy=True)
+    assert uplink.codec_id == "ternary+ec" and uplink.error_feedback and uplink.setup is None
+    sim, state = run(small(method="ternary-ef-ec", rounds=3))
+    ups = [e for e in state.ledger.entries if e.direction == "up"]
+    assert len(ups) == 9 and {e.codec for e in ups} == {"ternary+ec"}
+    assert [r["accepted"] for r in state.records] == [3, 3, 3]
+    assert all(math.isfinite(r["accuracy"]) for r in state.records)
+    assert any(k.startswith(RESIDUAL) for s in state.client_states.values() for k in s)  # EF kept memory
+    # range coding pays: the symbols of a mostly-zero update cost less than the 2 bits of fixed width
+    n = sim.spec.numel()
+    assert max(e.nbytes for e in ups) < wire.envelope_overhead("ternary") + 4 + n // 4
+    assert any(not torch.equal(state.global_params[k], v) for k, v in sim.runtime.downlink.initial.items())
+
+
+def test_the_entropy_stage_builds_a_new_codec_and_leaves_the_plain_one_alone():
+    plain, coded = build_codec("signsgd"), build_codec("signsgd", entropy=True)
+    assert plain is not coded and plain.codec_id == "signsgd" and coded.codec_id == "signsgd+ec"
+    assert not plain.entropy and coded.entropy
+    assert build_codec("signsgd").codec_id == "signsgd" == type(coded).codec_id  # nothing shared was changed
+    assert build_uplink("signsgd", entropy=True).codec_id == "signsgd+ec"
+
+
+def test_options_are_typed_and_unknown_or_ill_typed_ones_name_the_option():
+    with pytest.raises(ConfigError, match="levels"):
+        build_codec("qsgd", levels="4")
+    with pytest.raises(ConfigError, match="vote"):
+        build_uplink("signsgd", vote=1)
+    with pytest.raises(ConfigError, match="bits"):
+        build_codec("fedmrn", bits=2)
+    opts = build_codec("fedmrn", alpha=1, sm="false").options
+    assert (opts.alpha, opts.sm, opts.mask) == (1.0, False, "binary")
+    with pytest.raises(Exception):  # frozen: a built codec's options cannot drift
+        opts.alpha = 2.0
+
+
+def test_only_fedpm_has_a_non_additive_server_step():
+    from fedcodec.codecs import available_codecs
+
+    steps = {name: build_uplink(name).algorithm.additive_step for name in available_codecs()}
+    assert {n for n, additive in steps.items() if not additive} == {"fedpm"}
+    assert build_uplink("signsgd", vote=True).algorithm.additive_step

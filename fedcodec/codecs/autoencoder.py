@@ -6,12 +6,12 @@ client. Every later update travels as the AE's latent code.
 
 **Lifecycle.**
 
-1. *Pre-pass* (:meth:`AECodec.prepass`): the first time a client is selected, it trains locally from
+1. *Pre-pass* (:meth:`AESetup.prepass`): the first time a client is selected, it trains locally from
    the model it received for ``prepass_epochs`` epochs (0: its usual local epochs) and records the
    update ``snapshots`` times at evenly spaced steps: its "weights dataset". A client selected for
    the first time in round 1 starts from the initial global model, as in the paper; a client first
    selected later (partial participation) runs its pre-pass then, from the current global model.
-2. *Fit* (:meth:`AECodec.fit`): the client trains its AE on the snapshots (Adam, ``ae_steps`` steps,
+2. *Fit* (:meth:`AESetup.fit`): the client trains its AE on the snapshots (Adam, ``ae_steps`` steps,
    batches of 256 chunks, MSE) and returns its decoder as a *setup message* (codec id
    ``ae-decoder``), which the engine sends uplink in the same round and counts in the ledger.
 3. *Rounds*: the client's update is encoded to latents; the server decodes them with that client's
@@ -66,6 +66,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+from dataclasses import dataclass
 from typing import Mapping
 
 import numpy as np
@@ -74,7 +75,9 @@ import torch.nn.functional as F
 
 from ..errors import ConfigError, PayloadError
 from . import wire
-from .base import Codec, CodecContext, ModelSpec, Prepass, TensorSpec, Update, register, split_specs
+from .base import Codec, CodecContext, ModelSpec, Options, TensorSpec, Update, split_specs
+from .registry import register
+from .setup import Prepass, Setup
 from .signsgd import read_scales
 from .symbols import fixed_size
 from .wire import BodyReader
@@ -87,50 +90,170 @@ MAX_DIM = 1 << 20
 
 
 def _positive(name: str, value, lo: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not lo <= value <= MAX_DIM:
+    if not lo <= value <= MAX_DIM:
         raise ConfigError(f"ae option {name} must be an integer in {lo}..{MAX_DIM}, got {value!r}")
     return int(value)
 
 
-@register("ae", "per-client autoencoder over fixed-length chunks; decoder shipped once (Chandar et al. 2021)",
-          chunk=1024, latent=16, hidden=0, bits=8, dense="ae", decoder_dtype="fp16", prepass_epochs=0,
-          snapshots=10, ae_steps=500, ae_lr=3e-3, refresh_every=0, refresh_error=0.0)
-class AECodec(Codec):
-    codec_id = "ae"
-    symbolic = True
-    stateful = True
+@dataclass(frozen=True)
+class AEOptions(Options):
+    chunk: int = 1024
+    latent: int = 16
+    hidden: int = 0
+    bits: int = 8
+    dense: str = "ae"
+    decoder_dtype: str = "fp16"
+    prepass_epochs: int = 0
+    snapshots: int = 10
+    ae_steps: int = 500
+    ae_lr: float = 3e-3
+    refresh_every: int = 0
+    refresh_error: float = 0.0
 
-    def __init__(self, chunk: int, latent: int, hidden: int, bits: int, dense: str, decoder_dtype: str,
-                 prepass_epochs: int, snapshots: int, ae_steps: int, ae_lr: float, refresh_every: int,
-                 refresh_error: float):
-        self.chunk = _positive("chunk", chunk, 2)
-        self.latent = _positive("latent", latent)
-        self.hidden = _positive("hidden", hidden, 0)
+    def check(self) -> None:
+        for name, lo in (("chunk", 2), ("latent", 1), ("hidden", 0), ("prepass_epochs", 0), ("snapshots", 1),
+                         ("ae_steps", 1), ("refresh_every", 0)):
+            _positive(name, getattr(self, name), lo)
         if self.latent >= self.chunk:
-            raise ConfigError(f"ae latent ({latent}) must be smaller than chunk ({chunk}) to compress anything")
-        if isinstance(bits, bool) or not isinstance(bits, (int, np.integer)) or not 0 <= bits <= 16:
-            raise ConfigError(f"ae option bits must be 0 (float16 latents) or 1..16, got {bits!r}")
-        self.bits = int(bits)
-        if dense not in ("ae", "fp32"):
+            raise ConfigError(f"ae latent ({self.latent}) must be smaller than chunk ({self.chunk}) to compress "
+                              "anything")
+        if not 0 <= self.bits <= 16:
+            raise ConfigError(f"ae option bits must be 0 (float16 latents) or 1..16, got {self.bits!r}")
+        if self.dense not in ("ae", "fp32"):
             raise ConfigError(f"ae option dense must be 'ae' (the AE codes biases and BatchNorm scales/shifts "
                               f"too; running statistics go as float16) or 'fp32' (all of those as float32), "
-                              f"got {dense!r}")
-        self.dense = dense
-        if decoder_dtype not in DTYPES:
-            raise ConfigError(f"ae option decoder_dtype must be one of {sorted(DTYPES)}, got {decoder_dtype!r}")
-        self.decoder_dtype = decoder_dtype
-        self.prepass_epochs = _positive("prepass_epochs", prepass_epochs, 0)
-        self.snapshots = _positive("snapshots", snapshots)
-        self.ae_steps = _positive("ae_steps", ae_steps)
-        if not (isinstance(ae_lr, (int, float)) and math.isfinite(ae_lr) and ae_lr > 0):
-            raise ConfigError(f"ae option ae_lr must be a positive number, got {ae_lr!r}")
-        self.ae_lr = float(ae_lr)
-        self.refresh_every = _positive("refresh_every", refresh_every, 0)
-        if not (isinstance(refresh_error, (int, float)) and refresh_error >= 0):
-            raise ConfigError(f"ae option refresh_error must be >= 0 (0: never), got {refresh_error!r}")
-        self.refresh_error = float(refresh_error)
-        if self.bits == 0:
-            self.symbolic = False
+                              f"got {self.dense!r}")
+        if self.decoder_dtype not in DTYPES:
+            raise ConfigError(f"ae option decoder_dtype must be one of {sorted(DTYPES)}, got {self.decoder_dtype!r}")
+        if not (math.isfinite(self.ae_lr) and self.ae_lr > 0):
+            raise ConfigError(f"ae option ae_lr must be a positive number, got {self.ae_lr!r}")
+        if not self.refresh_error >= 0:
+            raise ConfigError(f"ae option refresh_error must be >= 0 (0: never), got {self.refresh_error!r}")
+
+
+class AESetup(Setup):
+    """The AE's pre-pass, fit (client) and decoder acceptance (server); see the module docstring."""
+
+    codec: "AECodec"
+
+    def prepass(self, ctx: CodecContext) -> Prepass | None:
+        o, state = self.codec.options, ctx.state
+        due = (state is None or KEY + "fingerprint" not in state  # never fitted
+               or (o.refresh_every and ctx.round - int(state[KEY + "round"]) >= o.refresh_every)
+               or (o.refresh_error and float(state.get(KEY + "error", torch.tensor(0.0))) > o.refresh_error))
+        return Prepass(o.prepass_epochs or None, o.snapshots) if due else None
+
+    @staticmethod
+    def _install(store: dict[str, torch.Tensor], tensors: Mapping[str, torch.Tensor], message: bytes) -> None:
+        """Replace the AE entries of ``store`` (a client's or the server's) with ``tensors`` and the
+        fingerprint of the setup ``message`` they came with."""
+        for k in [k for k in store if k.startswith(KEY)]:
+            del store[k]
+        store.update(tensors)
+        store[KEY + "fingerprint"] = torch.from_numpy(np.frombuffer(fingerprint(message), np.uint8).copy())
+
+    def _init_layers(self, gen: torch.Generator) -> dict[str, torch.Tensor]:
+        params = {}
+        for part in ("enc", "dec"):
+            for i, (o, n) in enumerate(self.codec.layer_shapes(part)):
+                bound = 1.0 / math.sqrt(n)  # PyTorch's default Linear init range
+                params[f"{KEY}{part}/{i}.weight"] = (torch.rand(o, n, generator=gen) * 2 - 1) * bound
+                params[f"{KEY}{part}/{i}.bias"] = (torch.rand(o, generator=gen) * 2 - 1) * bound
+        return params
+
+    def fit(self, snapshots: list[Update], ctx: CodecContext) -> bytes:
+        codec, o = self.codec, self.codec.options
+        if ctx.state is None or ctx.rng is None:
+            raise ConfigError("the ae codec fits on the client and needs its store and generator "
+                              "(CodecContext.state, .rng); run it through fedcodec's client function")
+        if not snapshots:
+            raise ConfigError("the ae pre-pass recorded no snapshots (no training steps: is the client's data empty?)")
+        data = torch.cat([codec.normalise(s, ctx.spec)[0] for s in snapshots])
+        params = {k: v.requires_grad_(True) for k, v in self._init_layers(ctx.rng).items()}
+        opt = torch.optim.Adam(params.values(), lr=o.ae_lr)
+        for _ in range(o.ae_steps):
+            idx = torch.randint(len(data), (min(BATCH, len(data)),), generator=ctx.rng)
+            x = data[idx]
+            loss = F.mse_loss(codec.decode_chunks(params, codec.encode_chunks(params, x)), x)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        dtype = DTYPES[o.decoder_dtype][1]
+        with torch.no_grad():
+            for k in list(params):
+                params[k] = params[k].detach()
+                if k.startswith(KEY + "dec/"):  # what the server will hold: rounded to the shipping dtype
+                    params[k] = torch.from_numpy(params[k].numpy().astype(dtype).astype(np.float32))
+            recon = codec.decode_chunks(params, codec.encode_chunks(params, data))
+            fit_error = float((recon - data).pow(2).sum().sqrt() / data.pow(2).sum().sqrt().clamp_min(1e-30))
+        message = self.decoder_message(params, ctx.spec)
+        self._install(ctx.state, params, message)
+        ctx.state[KEY + "round"] = torch.tensor(ctx.round, dtype=torch.int64)
+        ctx.state[KEY + "error"] = torch.tensor(0.0)
+        if ctx.metrics is not None:
+            ctx.metrics["ae_fit_error"] = fit_error
+            ctx.metrics["ae_decoder_bytes"] = len(message)
+        return message
+
+    def decoder_message(self, params: Mapping[str, torch.Tensor], spec: ModelSpec) -> bytes:
+        o = self.codec.options
+        code, dtype = DTYPES[o.decoder_dtype]
+        w = wire.BodyWriter().u32(o.chunk).u32(o.latent).u32(o.hidden).u8(code)
+        for i in range(len(self.codec.layer_shapes("dec"))):
+            for kind in ("weight", "bias"):
+                w.raw(params[f"{KEY}dec/{i}.{kind}"].numpy().astype(dtype))
+        return wire.pack(SETUP_ID, spec.fingerprint, w.getvalue())
+
+    def read_decoder(self, message: bytes, spec: ModelSpec) -> dict[str, torch.Tensor]:
+        """The decoder tensors of a setup message; raises PayloadError (sizes checked before reading)."""
+        o = self.codec.options
+        body = wire.unpack(message, SETUP_ID, spec.fingerprint)
+        reader = BodyReader(body)
+        dims = (reader.u32("chunk"), reader.u32("latent"), reader.u32("hidden"))
+        if dims != (o.chunk, o.latent, o.hidden):
+            raise PayloadError("decoder", f"decoder for chunk/latent/hidden {dims}; this run's ae codec uses "
+                                          f"{(o.chunk, o.latent, o.hidden)}")
+        code, dtype = DTYPES[o.decoder_dtype]
+        got = reader.u8("decoder dtype")
+        if got != code:
+            raise PayloadError("decoder", f"decoder dtype code {got}; this run ships {o.decoder_dtype} ({code})")
+        itemsize = np.dtype(dtype).itemsize
+        if reader.remaining != self.codec.decoder_numel() * itemsize:
+            raise PayloadError("size", f"decoder body holds {reader.remaining} bytes of weights, the configured "
+                                       f"decoder needs {self.codec.decoder_numel() * itemsize}")
+        out = {}
+        for i, (rows, cols) in enumerate(self.codec.layer_shapes("dec")):
+            for kind, shape in (("weight", (rows, cols)), ("bias", (rows,))):
+                arr = reader.array(dtype, int(np.prod(shape)), f"decoder layer {i} {kind}").astype(np.float32)
+                if not np.isfinite(arr).all():
+                    raise PayloadError("nonfinite", f"decoder layer {i} {kind} holds NaN or Inf")
+                out[f"{KEY}dec/{i}.{kind}"] = torch.from_numpy(arr.reshape(shape))
+        reader.finish()
+        return out
+
+    def accept_setup(self, message: bytes, ctx: CodecContext) -> None:
+        try:
+            if ctx.state is None:
+                raise ConfigError("the server needs a per-client store to keep decoders (CodecContext.state)")
+            decoder = self.read_decoder(message, ctx.spec)
+        except PayloadError as err:
+            raise err.for_client(ctx.client) from None
+        self._install(ctx.state, decoder, message)
+
+
+@register("ae", "per-client autoencoder over fixed-length chunks; decoder shipped once (Chandar et al. 2021)",
+          setup=AESetup)
+class AECodec(Codec):
+    codec_id = "ae"
+    options_type = AEOptions
+    symbolic = True
+    options: AEOptions
+
+    def __init__(self, options: AEOptions | None = None, entropy: bool = False):
+        self.symbolic = (options or AEOptions()).bits > 0  # bits = 0 sends float16 latents: no symbols
+        super().__init__(options, entropy)
+        o = self.options
+        self.chunk, self.latent, self.hidden, self.bits, self.dense = o.chunk, o.latent, o.hidden, o.bits, o.dense
 
     # -- geometry ----------------------------------------------------------------------------------
     def coded_specs(self, spec: ModelSpec) -> tuple[list[TensorSpec], list[TensorSpec]]:
@@ -246,109 +369,6 @@ class AECodec(Codec):
         top = np.float32((1 << self.bits) - 1)
         grid = q.reshape(-1, self.latent).astype(np.float32) * np.float32(2) / top - np.float32(1)
         return torch.from_numpy((grid * scales).astype(np.float32))
-
-    # -- client: pre-pass and fit ------------------------------------------------------------------
-    def prepass(self, ctx: CodecContext) -> Prepass | None:
-        state = ctx.state
-        due = (state is None or KEY + "fingerprint" not in state  # never fitted
-               or (self.refresh_every and ctx.round - int(state[KEY + "round"]) >= self.refresh_every)
-               or (self.refresh_error and float(state.get(KEY + "error", torch.tensor(0.0))) > self.refresh_error))
-        return Prepass(self.prepass_epochs or None, self.snapshots) if due else None
-
-    @staticmethod
-    def _install(store: dict[str, torch.Tensor], tensors: Mapping[str, torch.Tensor], message: bytes) -> None:
-        """Replace the AE entries of ``store`` (a client's or the server's) with ``tensors`` and the
-        fingerprint of the setup ``message`` they came with."""
-        for k in [k for k in store if k.startswith(KEY)]:
-            del store[k]
-        store.update(tensors)
-        store[KEY + "fingerprint"] = torch.from_numpy(np.frombuffer(fingerprint(message), np.uint8).copy())
-
-    def _init_layers(self, gen: torch.Generator) -> dict[str, torch.Tensor]:
-        params = {}
-        for part in ("enc", "dec"):
-            for i, (o, n) in enumerate(self.layer_shapes(part)):
-                bound = 1.0 / math.sqrt(n)  # PyTorch's default Linear init range
-                params[f"{KEY}{part}/{i}.weight"] = (torch.rand(o, n, generator=gen) * 2 - 1) * bound
-                params[f"{KEY}{part}/{i}.bias"] = (torch.rand(o, generator=gen) * 2 - 1) * bound
-        return params
-
-    def fit(self, snapshots: list[Update], ctx: CodecContext) -> bytes:
-        if ctx.state is None or ctx.rng is None:
-            raise ConfigError("the ae codec fits on the client and needs its store and generator "
-                              "(CodecContext.state, .rng); run it through fedcodec's client function")
-        if not snapshots:
-            raise ConfigError("the ae pre-pass recorded no snapshots (no training steps: is the client's data empty?)")
-        data = torch.cat([self.normalise(s, ctx.spec)[0] for s in snapshots])
-        params = {k: v.requires_grad_(True) for k, v in self._init_layers(ctx.rng).items()}
-        opt = torch.optim.Adam(params.values(), lr=self.ae_lr)
-        for _ in range(self.ae_steps):
-            idx = torch.randint(len(data), (min(BATCH, len(data)),), generator=ctx.rng)
-            x = data[idx]
-            loss = F.mse_loss(self.decode_chunks(params, self.encode_chunks(params, x)), x)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-        dtype = DTYPES[self.decoder_dtype][1]
-        with torch.no_grad():
-            for k in list(params):
-                params[k] = params[k].detach()
-                if k.startswith(KEY + "dec/"):  # what the server will hold: rounded to the shipping dtype
-                    params[k] = torch.from_numpy(params[k].numpy().astype(dtype).astype(np.float32))
-            recon = self.decode_chunks(params, self.encode_chunks(params, data))
-            fit_error = float((recon - data).pow(2).sum().sqrt() / data.pow(2).sum().sqrt().clamp_min(1e-30))
-        message = self.decoder_message(params, ctx.spec)
-        self._install(ctx.state, params, message)
-        ctx.state[KEY + "round"] = torch.tensor(ctx.round, dtype=torch.int64)
-        ctx.state[KEY + "error"] = torch.tensor(0.0)
-        if ctx.metrics is not None:
-            ctx.metrics["ae_fit_error"] = fit_error
-            ctx.metrics["ae_decoder_bytes"] = len(message)
-        return message
-
-    def decoder_message(self, params: Mapping[str, torch.Tensor], spec: ModelSpec) -> bytes:
-        code, dtype = DTYPES[self.decoder_dtype]
-        w = wire.BodyWriter().u32(self.chunk).u32(self.latent).u32(self.hidden).u8(code)
-        for i in range(len(self.layer_shapes("dec"))):
-            for kind in ("weight", "bias"):
-                w.raw(params[f"{KEY}dec/{i}.{kind}"].numpy().astype(dtype))
-        return wire.pack(SETUP_ID, spec.fingerprint, w.getvalue())
-
-    # -- server: accept a decoder --------------------------------------------------------------------
-    def read_decoder(self, message: bytes, spec: ModelSpec) -> dict[str, torch.Tensor]:
-        """The decoder tensors of a setup message; raises PayloadError (sizes checked before reading)."""
-        body = wire.unpack(message, SETUP_ID, spec.fingerprint)
-        reader = BodyReader(body)
-        dims = (reader.u32("chunk"), reader.u32("latent"), reader.u32("hidden"))
-        if dims != (self.chunk, self.latent, self.hidden):
-            raise PayloadError("decoder", f"decoder for chunk/latent/hidden {dims}; this run's ae codec uses "
-                                          f"{(self.chunk, self.latent, self.hidden)}")
-        code, dtype = DTYPES[self.decoder_dtype]
-        got = reader.u8("decoder dtype")
-        if got != code:
-            raise PayloadError("decoder", f"decoder dtype code {got}; this run ships {self.decoder_dtype} ({code})")
-        itemsize = np.dtype(dtype).itemsize
-        if reader.remaining != self.decoder_numel() * itemsize:
-            raise PayloadError("size", f"decoder body holds {reader.remaining} bytes of weights, the configured "
-                                       f"decoder needs {self.decoder_numel() * itemsize}")
-        out = {}
-        for i, (o, n) in enumerate(self.layer_shapes("dec")):
-            for kind, shape in (("weight", (o, n)), ("bias", (o,))):
-                arr = reader.array(dtype, int(np.prod(shape)), f"decoder layer {i} {kind}").astype(np.float32)
-                if not np.isfinite(arr).all():
-                    raise PayloadError("nonfinite", f"decoder layer {i} {kind} holds NaN or Inf")
-                out[f"{KEY}dec/{i}.{kind}"] = torch.from_numpy(arr.reshape(shape))
-        reader.finish()
-        return out
-
-    def accept_setup(self, message: bytes, ctx: CodecContext) -> None:
-        try:
-            if ctx.state is None:
-                raise ConfigError("the server needs a per-client store to keep decoders (CodecContext.state)")
-            decoder = self.read_decoder(message, ctx.spec)
-        except PayloadError as err:
-            raise err.for_client(ctx.client) from None
-        self._install(ctx.state, decoder, message)
 
     # -- rounds ------------------------------------------------------------------------------------
     def _decoder(self, ctx: CodecContext, client_side: bool) -> dict[str, torch.Tensor]:

@@ -1,17 +1,20 @@
-"""The codec protocol, the model spec both ends agree on, and the codec registry.
+"""The codec protocol and the model spec both ends agree on.
 
 A codec turns a client's update (one float32 tensor per entry of the model spec) into ``bytes``
-and back. Codecs that change *how* the client trains (FedMRN trains a latent update inside seeded
-noise instead of the weights) also supply a :class:`Parametrization`; the engine runs it without
-knowing which codec it came from.
+and back, and does nothing else. What changes *how* clients train or how the server aggregates
+(FedMRN's masked-noise training, FedPM's Beta posterior) is an :class:`~fedcodec.codecs.algorithms.Algorithm`;
+what a codec must learn before it can code (the AE's decoder) is a :class:`~fedcodec.codecs.setup.Setup`;
+error feedback is a memory the uplink applies around any lossy codec
+(:class:`~fedcodec.codecs.stages.ErrorFeedback`). :func:`~fedcodec.codecs.registry.build_uplink`
+puts them together.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass, field
-from typing import Callable, ClassVar, Mapping
+from dataclasses import dataclass, fields
+from typing import ClassVar, Mapping
 
 import numpy as np
 import torch
@@ -108,106 +111,94 @@ class CodecContext:
     metrics: dict[str, float] | None = None
 
 
+def flag(name: str, value) -> bool:
+    """A boolean option: ``True``/``False``, or the strings ``"true"``/``"false"`` (any case)."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in ("true", "false"):
+        return value.lower() == "true"
+    raise ConfigError(f"codec option {name} expects true or false, got {value!r}")
+
+
+def _typed(name: str, kind: str, value):
+    """``value`` as option ``name`` of declared type ``kind`` (bool, int, float or str)."""
+    if kind == "bool":
+        return flag(name, value)
+    if isinstance(value, (bool, np.bool_)):
+        pass
+    elif kind == "int" and isinstance(value, (int, np.integer)):
+        return int(value)
+    elif kind == "float" and isinstance(value, (int, float, np.integer, np.floating)):
+        return float(value)
+    elif kind == "str" and isinstance(value, str):
+        return value
+    if kind not in ("int", "float", "str"):
+        return value
+    expects = {"int": "an integer", "float": "a number", "str": "a string"}[kind]
+    raise ConfigError(f"codec option {name} expects {expects}, got {value!r}")
+
+
 @dataclass(frozen=True)
-class Prepass:
-    """A codec's request to see local training before it can encode (the AE codec's "weights
-    dataset"): the client trains ``epochs`` epochs (None: its usual local epochs) from the model it
-    received, records the update ``snapshots`` times at evenly spaced steps, and hands the snapshots
-    to :meth:`Codec.fit`. The pre-pass model is thrown away; the round's own training follows."""
+class Options:
+    """A codec's options, checked once when they are built: subclasses are frozen dataclasses whose
+    fields (with their defaults) are the options. Every field is coerced to its declared type
+    (``bool``, ``int``, ``float``, ``str``; a wrong type is a :class:`ConfigError` naming the option),
+    then :meth:`check` validates ranges and combinations. The same object configures the codec and
+    its algorithm."""
 
-    epochs: int | None
-    snapshots: int
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", "")
+            object.__setattr__(self, f.name, _typed(f.name, kind, getattr(self, f.name)))
+        self.check()
 
-
-class Parametrization:
-    """How a codec reparametrizes local training. The engine calls, in order:
-
-    ``init()`` → trainable latent tensors; for every step ``deltas(latent, progress)`` →
-    the update added to the frozen global weight in the forward pass (``progress`` runs from 0 to 1);
-    at the end ``finish(latent)`` → the update handed to :meth:`Codec.encode`.
-
-    ``init()`` may return extra trainable tensors under names that are not model tensors (FedBAT's
-    learned step sizes), and ``finish()`` may return side values under names containing ``/`` that
-    only its own codec's ``encode`` reads; the engine passes them through untouched.
-    """
-
-    names: tuple[str, ...] = ()
-    #: the latent tensors' learning rate is the client's lr times this; they get no weight decay
-    lr_scale: float = 1.0
-
-    def init(self) -> Update:
-        raise NotImplementedError
-
-    def deltas(self, latent: Update, progress: float) -> Update:
-        raise NotImplementedError
-
-    def finish(self, latent: Update) -> Update:
-        raise NotImplementedError
+    def check(self) -> None:
+        """Raise :class:`ConfigError` (saying how to fix it) for a value out of range."""
 
 
 class Codec:
-    """Encode a client update to bytes and decode it back.
+    """Turns an update into ``bytes`` and back; nothing else.
 
-    Subclasses set ``codec_id`` and implement :meth:`encode_body` / :meth:`decode_body`; the envelope
-    (magic, version, codec id, spec fingerprint, length, CRC) is handled here, as is the rejection of
-    non-finite decoded values.
+    Subclasses set ``codec_id`` (and ``options_type`` if they take options) and implement
+    :meth:`encode_body` / :meth:`decode_body`. The envelope (magic, version, codec id, spec
+    fingerprint, length, CRC) is handled here, as is the rejection of non-finite decoded values.
+
+    ``entropy=True`` builds the codec with its entropy stage: every symbol section it writes
+    (:meth:`writer`, ``BodyReader.symbols``) is range coded instead of bit-packed, and its wire id
+    becomes ``"<codec_id>+ec"``. A codec that writes no symbol sections refuses it.
     """
 
-    codec_id: ClassVar[str]
+    codec_id: str
+    options_type: ClassVar[type[Options]] = Options
     lossless: ClassVar[bool] = False
     #: encodes every value on its own (fp32, fp16), so it can carry a whole model, not only an update
     carries_models: ClassVar[bool] = False
     #: writes its data as symbol sections (BodyWriter.symbols), so the entropy stage applies
-    symbolic: ClassVar[bool] = False
-    #: entropy-code the symbol sections (set by build_codec(..., entropy=True); wire id gets "+ec")
-    entropy: bool = False
-    #: keeps client state in ``ctx.state`` (error feedback): the engine must supply a store
-    stateful: bool = False
+    symbolic: bool = False
 
-    def parametrization(self, ctx: CodecContext, global_params: Update) -> Parametrization | None:
-        return None
+    def __init__(self, options: Options | None = None, entropy: bool = False):
+        self.options = options if options is not None else self.options_type()
+        self.entropy = bool(entropy)
+        if self.entropy:
+            if not self.symbolic:
+                raise ConfigError(f"codec {self.codec_id!r} writes no symbols (it sends plain floats), so "
+                                  "entropy=true has nothing to code; use it with a codec that writes symbol "
+                                  "sections (`fedcodec codecs` lists them)")
+            self.codec_id = f"{self.codec_id}+ec"
 
-    # -- codecs that learn from the client's updates (the AE codec) ---------------------------------
-    def prepass(self, ctx: CodecContext) -> Prepass | None:
-        """Client side, before local training: a :class:`Prepass` if this client must (re)fit its
-        codec from local training snapshots this round (first selection, refresh), else None."""
-        return None
-
-    def fit(self, snapshots: list[Update], ctx: CodecContext) -> bytes:
-        """Client side: fit the codec to the pre-pass ``snapshots``, keep what the client needs in
-        ``ctx.state``, and return the *setup message* the server needs to decode this client's
-        payloads (the AE codec's decoder). The engine sends it uplink and counts it in the ledger."""
-        raise NotImplementedError(f"{type(self).__name__} asks for no pre-pass")
-
-    def accept_setup(self, message: bytes, ctx: CodecContext) -> None:
-        """Server side: validate a client's setup message and keep it in ``ctx.state`` (the server's
-        store for that client). Raises :class:`PayloadError`; a rejected message changes nothing."""
-        raise PayloadError("setup", f"codec {self.codec_id!r} takes no setup messages", ctx.client)
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.options!r}, entropy={self.entropy})"
 
     def writer(self) -> wire.BodyWriter:
         """A body writer that stores symbol sections the way this codec was built to."""
         return wire.BodyWriter(entropy=self.entropy)
 
-    # -- server-side hooks (defaults: plain FedAvg semantics) --------------------------------------
-    def init_global(self, params: Update, spec: ModelSpec) -> Update:
-        """The global model the run starts from, given the model's initial weights."""
-        return params
-
-    def aggregate(self, spec: ModelSpec, global_params: Update,
-                  updates: list[tuple[int, float, Update]]) -> dict[str, torch.Tensor]:
-        """The float64 step added to the global model, from decoded ``(client, weight, update)``
-        triples sorted by client id. Default: the weight-normalised mean."""
-        return weighted_mean(spec, updates)
-
-    def eval_params(self, params: Update, spec: ModelSpec, seed: int) -> Update:
-        """The weights to evaluate for global model ``params`` (FedPM samples a mask from them)."""
-        return params
-
-    # -- wire --------------------------------------------------------------------------------------
     def encode(self, update: Mapping[str, torch.Tensor], ctx: CodecContext) -> bytes:
         return wire.pack(self.codec_id, ctx.spec.fingerprint, self.encode_body(update, ctx))
 
     def decode(self, payload: bytes, ctx: CodecContext) -> Update:
+        """The update in ``payload``; raises :class:`PayloadError` (naming ``ctx.client``) for a
+        payload that is malformed, made for another codec or model, or holds NaN or Inf."""
         try:
             body = wire.unpack(payload, self.codec_id, ctx.spec.fingerprint)
             reader = wire.BodyReader(body, entropy=self.entropy)
@@ -227,17 +218,49 @@ class Codec:
         raise NotImplementedError
 
 
-def weighted_mean(spec: ModelSpec, updates: list[tuple[int, float, Update]]) -> dict[str, torch.Tensor]:
-    """Sum of ``weight / total * update`` in float64, accumulated in the given (client-id) order."""
-    total = sum(w for _, w, _ in updates)
-    out = {}
-    for t in spec.tensors:
-        acc = torch.zeros(t.shape, dtype=torch.float64)
-        for _, w, upd in updates:
-            acc += upd[t.name].to(torch.float64) * (w / total)
-        out[t.name] = acc
-    return out
+class KernelCodec(Codec):
+    """The template of the codecs that compress the conv/linear kernels and send the rest as float32.
 
+    Body: ``kernel part | float32 dense values``, where the kernel part is the subclass's
+    (:meth:`encode_kernels` / :meth:`decode_kernels`, over the kernels of :func:`split_specs`
+    concatenated in spec order) and the dense values are every other tensor (biases, BatchNorm
+    parameters and running statistics) in spec order, little-endian.
+    """
+
+    def encode_kernels(self, flat: np.ndarray, update: Mapping[str, torch.Tensor], ctx: CodecContext,
+                       w: wire.BodyWriter) -> None:
+        """Write the kernel part for ``flat``, the kernels' values concatenated (a fresh float32
+        array the codec may change in place); ``update`` holds everything, side values included."""
+        raise NotImplementedError
+
+    def decode_kernels(self, reader: wire.BodyReader, kernels: list[TensorSpec], ctx: CodecContext) -> np.ndarray:
+        """Read the kernel part: the kernels' float32 values concatenated in spec order."""
+        raise NotImplementedError
+
+    def encode_body(self, update: Mapping[str, torch.Tensor], ctx: CodecContext) -> bytes:
+        kernels, dense = split_specs(ctx.spec)
+        w = self.writer()
+        self.encode_kernels(ctx.spec.flatten(update, kernels), update, ctx, w)
+        return w.raw(ctx.spec.flatten(update, dense).astype("<f4", copy=False)).getvalue()
+
+    def decode_body(self, reader: wire.BodyReader, ctx: CodecContext) -> Update:
+        kernels, dense = split_specs(ctx.spec)
+        out = ctx.spec.unflatten(self.decode_kernels(reader, kernels, ctx), kernels)
+        out.update(ctx.spec.unflatten(reader.array("<f4", dense_count(ctx.spec), "dense values"), dense))
+        return out
+
+    @staticmethod
+    def check_size(reader: wire.BodyReader, ctx: CodecContext, kernel_bytes: int, where: str = "") -> None:
+        """Reject a body whose remaining bytes are not ``kernel_bytes`` plus the float32 tail
+        (``where`` says what was read before, e.g. " after the scales")."""
+        expected = kernel_bytes + 4 * dense_count(ctx.spec)
+        if reader.remaining != expected:
+            raise PayloadError("size", f"body carries {reader.remaining} bytes{where}; the model needs {expected}")
+
+
+def dense_count(spec: ModelSpec) -> int:
+    """Number of values :class:`KernelCodec` sends as float32 (everything but the kernels)."""
+    return spec.numel(("param", "buffer"))
 
 def split_specs(spec: ModelSpec) -> tuple[list[TensorSpec], list[TensorSpec]]:
     """(compressed, dense): the conv/linear kernels every lossy codec compresses, and the rest
@@ -246,65 +269,3 @@ def split_specs(spec: ModelSpec) -> tuple[list[TensorSpec], list[TensorSpec]]:
     return spec.select(("weight",)), spec.select(("param", "buffer"))
 
 
-@dataclass
-class CodecInfo:
-    factory: Callable[..., Codec]
-    summary: str
-    options: dict = field(default_factory=dict)
-
-
-_REGISTRY: dict[str, CodecInfo] = {}
-
-
-def register(name: str, summary: str, **defaults):
-    """Class decorator: make ``name`` buildable by :func:`build_codec` with ``defaults``."""
-
-    def deco(cls):
-        _REGISTRY[name] = CodecInfo(cls, summary, dict(defaults))
-        return cls
-
-    return deco
-
-
-def available_codecs() -> dict[str, CodecInfo]:
-    return dict(_REGISTRY)
-
-
-#: options every codec accepts: the composable stages
-STAGE_OPTIONS = {"ef": False, "entropy": False}
-
-
-def _flag(name: str, value) -> bool:
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, str) and value.lower() in ("true", "false"):
-        return value.lower() == "true"
-    raise ConfigError(f"codec option {name} expects true or false, got {value!r}")
-
-
-def build_codec(name: str, **options) -> Codec:
-    """Build codec ``name``; the stage options ``ef`` (error feedback) and ``entropy`` (range-code
-    the symbol sections) apply to any codec they make sense for."""
-    if name not in _REGISTRY:
-        raise ConfigError(f"unknown codec {name!r}; available: {', '.join(sorted(_REGISTRY))}")
-    info = _REGISTRY[name]
-    unknown = set(options) - set(info.options) - set(STAGE_OPTIONS)
-    if unknown:
-        raise ConfigError(f"codec {name!r} has no option(s) {sorted(unknown)}; "
-                          f"its options are {sorted(info.options) + sorted(STAGE_OPTIONS)}")
-    ef = _flag("ef", options.pop("ef", False))
-    entropy = _flag("entropy", options.pop("entropy", False))
-    codec = info.factory(**{**info.options, **options})
-    if entropy:
-        if not codec.symbolic:
-            raise ConfigError(f"codec {name!r} writes no symbols (it sends plain floats), so entropy=true "
-                              "has nothing to code; use it with fedmrn, signsgd, qsgd, topk, fedpm or fedbat")
-        codec.entropy = True
-        codec.codec_id = f"{codec.codec_id}+ec"
-    if ef:
-        if codec.lossless:
-            raise ConfigError(f"codec {name!r} is lossless: error feedback would always carry zero")
-        from .stages import ErrorFeedback
-
-        codec = ErrorFeedback(codec)
-    return codec

@@ -13,7 +13,8 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError
-from .base import Codec, CodecContext, Update, register
+from .base import Codec, CodecContext, Update
+from .registry import register
 from .wire import BodyReader
 
 

@@ -24,20 +24,23 @@ if the tensor is all zeros). Bits ``b ~ Bernoulli(clip((u/α + 1) / 2, 0, 1))`` 
 
 i.e. ``4 * k + ceil(n / 8) + 4 * n_dense`` bytes in fixed mode for ``k`` binarized tensors; with
 ``entropy=true`` the bits are range coded (one model). Decoding: ``α · (2b - 1)``; every ``α`` must be
-finite and positive. Aggregation: the example-weighted mean (the codec's default).
+finite and positive. Aggregation: the example-weighted mean (the default algorithm's).
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Mapping
 
 import numpy as np
 import torch
 
 from ..errors import ConfigError, PayloadError
-from .base import Codec, CodecContext, Parametrization, TensorSpec, Update, register, split_specs
-from .wire import BodyReader
+from .algorithms import Algorithm, Parametrization
+from .base import CodecContext, KernelCodec, Options, TensorSpec, Update, split_specs
+from .registry import register
+from .wire import BodyReader, BodyWriter
 
 #: suffix of the side value carrying a tensor's step size (``finish`` → ``encode``)
 STEP = "/step"
@@ -87,57 +90,66 @@ class StochasticBinaryTraining(Parametrization):
         return out
 
 
-@register("fedbat", "stochastic binarization of the update with a learned step size (FedBAT)", step=0.005)
-class FedBATCodec(Codec):
-    codec_id = "fedbat"
-    symbolic = True
+@dataclass(frozen=True)
+class FedBATOptions(Options):
+    step: float = 0.005
 
-    def __init__(self, step: float):
+    def __post_init__(self) -> None:
         try:
-            step = float(step)
+            object.__setattr__(self, "step", float(self.step))
         except (TypeError, ValueError):
-            raise ConfigError(f"step must be a number, got {step!r}") from None
+            raise ConfigError(f"step must be a number, got {self.step!r}") from None
+        super().__post_init__()
+
+    def check(self) -> None:
+        step = self.step
         if not (math.isfinite(step) and step > 0 and np.isfinite(np.float32(step)) and np.float32(step) > 0):
             raise ConfigError(f"step must be a positive finite float32, got {step}")
-        self.step = step
+
+
+class FedBAT(Algorithm):
+    """FedBAT's local training: the update and a step size per binarized tensor."""
 
     def parametrization(self, ctx: CodecContext, global_params: Update) -> Parametrization:
-        return StochasticBinaryTraining(split_specs(ctx.spec)[0], self.step, ctx.rng)
+        return StochasticBinaryTraining(split_specs(ctx.spec)[0], self.options.step, ctx.rng)
 
-    @staticmethod
-    def steps(update: Mapping[str, torch.Tensor], specs: list[TensorSpec]) -> np.ndarray:
-        """The float32 step of each tensor in ``specs``: its side value, else ``max |u|``."""
-        out = np.zeros(len(specs), np.float32)
-        for i, t in enumerate(specs):
-            side = update.get(t.name + STEP)
-            if side is not None:
-                if side.numel() != 1:
-                    raise ConfigError(f"side value {t.name + STEP!r} must hold one step size, has {side.numel()}")
-                out[i] = np.float32(float(side.reshape(-1)[0]))
-            else:
-                u = update[t.name]
-                out[i] = np.float32(float(u.detach().abs().max())) if u.numel() else np.float32(ZERO_STEP)
-                if out[i] == 0:
-                    out[i] = np.float32(ZERO_STEP)
-        return out
 
-    def encode_body(self, update: Mapping[str, torch.Tensor], ctx: CodecContext) -> bytes:
-        binarized, dense = split_specs(ctx.spec)
-        alphas = self.steps(update, binarized)
+def steps(update: Mapping[str, torch.Tensor], specs: list[TensorSpec]) -> np.ndarray:
+    """The float32 step of each tensor in ``specs``: its side value, else ``max |u|``."""
+    out = np.zeros(len(specs), np.float32)
+    for i, t in enumerate(specs):
+        side = update.get(t.name + STEP)
+        if side is not None:
+            if side.numel() != 1:
+                raise ConfigError(f"side value {t.name + STEP!r} must hold one step size, has {side.numel()}")
+            out[i] = np.float32(float(side.reshape(-1)[0]))
+        else:
+            u = update[t.name]
+            out[i] = np.float32(float(u.detach().abs().max())) if u.numel() else np.float32(ZERO_STEP)
+            if out[i] == 0:
+                out[i] = np.float32(ZERO_STEP)
+    return out
+
+
+@register("fedbat", "stochastic binarization of the update with a learned step size (FedBAT)", algorithm=FedBAT)
+class FedBATCodec(KernelCodec):
+    codec_id = "fedbat"
+    options_type = FedBATOptions
+    symbolic = True
+
+    def encode_kernels(self, flat: np.ndarray, update: Mapping[str, torch.Tensor], ctx: CodecContext,
+                       w: BodyWriter) -> None:
+        binarized = split_specs(ctx.spec)[0]
+        alphas = steps(update, binarized)
         per_element = torch.from_numpy(np.repeat(alphas, [t.numel for t in binarized]))
-        p = binarize_probability(torch.from_numpy(ctx.spec.flatten(update, binarized)), per_element)
+        p = binarize_probability(torch.from_numpy(flat), per_element)
         bits = (torch.rand(p.shape, generator=ctx.rng) < p).numpy()
-        w = self.writer().raw(alphas.astype("<f4", copy=False)).symbols(bits, 2)
-        return w.raw(ctx.spec.flatten(update, dense).astype("<f4", copy=False)).getvalue()
+        w.raw(alphas.astype("<f4", copy=False)).symbols(bits, 2)
 
-    def decode_body(self, reader: BodyReader, ctx: CodecContext) -> Update:
-        binarized, dense = split_specs(ctx.spec)
+    def decode_kernels(self, reader: BodyReader, binarized: list[TensorSpec], ctx: CodecContext) -> np.ndarray:
         k, n = len(binarized), sum(t.numel for t in binarized)
-        n_dense = sum(t.numel for t in dense)
         if not self.entropy:
-            expected = 4 * k + (n + 7) // 8 + 4 * n_dense
-            if reader.remaining != expected:
-                raise PayloadError("size", f"body carries {reader.remaining} bytes; the model needs {expected}")
+            self.check_size(reader, ctx, 4 * k + (n + 7) // 8)
         alphas = reader.array("<f4", k, "step sizes")
         bad = ~(np.isfinite(alphas) & (alphas > 0))
         if bad.any():
@@ -146,7 +158,4 @@ class FedBATCodec(Codec):
                                         "finite number")
         bits = reader.symbols(n, 2, "sign bits")
         per_element = np.repeat(alphas, [t.numel for t in binarized])
-        values = np.where(bits.astype(bool), per_element, -per_element)
-        out = ctx.spec.unflatten(values, binarized)
-        out.update(ctx.spec.unflatten(reader.array("<f4", n_dense, "dense values"), dense))
-        return out
+        return np.where(bits.astype(bool), per_element, -per_element)

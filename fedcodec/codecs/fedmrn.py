@@ -28,14 +28,17 @@ masking and clipping. After training a fresh mask is drawn from the final ``p`` 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Mapping
 
 import numpy as np
 import torch
 
 from ..errors import ConfigError, PayloadError
-from .base import Codec, CodecContext, ModelSpec, Parametrization, TensorSpec, Update, register, split_specs
-from .wire import BodyReader
+from .algorithms import Algorithm, Parametrization
+from .base import CodecContext, KernelCodec, ModelSpec, Options, TensorSpec, Update, split_specs
+from .registry import register
+from .wire import BodyReader, BodyWriter
 
 MASKS = ("binary", "signed")
 NOISES = ("uniform", "gaussian", "rademacher")
@@ -141,50 +144,61 @@ class MaskedNoiseTraining(Parametrization):
             return {n: self._continuous(latent[n] / self.noise[n]) * self.noise[n] for n in self.names}
 
 
-@register("fedmrn", "1-bit mask over seeded random noise (FedMRN)",
-          mask="binary", noise="uniform", alpha=0.01, sm=True, pm=True)
-class FedMRNCodec(Codec):
-    codec_id = "fedmrn"
-    symbolic = True
+@dataclass(frozen=True)
+class FedMRNOptions(Options):
+    mask: str = "binary"
+    noise: str = "uniform"
+    alpha: float = 0.01
+    sm: bool = True
+    pm: bool = True
 
-    def __init__(self, mask: str, noise: str, alpha: float, sm: bool, pm: bool):
-        if mask not in MASKS:
-            raise ConfigError(f"unknown mask {mask!r}; choose one of {MASKS}")
-        if noise not in NOISES:
-            raise ConfigError(f"unknown noise {noise!r}; choose one of {NOISES}")
-        if not alpha > 0:
-            raise ConfigError(f"alpha must be positive, got {alpha}")
-        self.mask, self.noise, self.alpha = mask, noise, float(np.float32(alpha))
-        self.sm, self.pm = bool(sm), bool(pm)
+    def check(self) -> None:
+        if self.mask not in MASKS:
+            raise ConfigError(f"unknown mask {self.mask!r}; choose one of {MASKS}")
+        if self.noise not in NOISES:
+            raise ConfigError(f"unknown noise {self.noise!r}; choose one of {NOISES}")
+        if not self.alpha > 0:
+            raise ConfigError(f"alpha must be positive, got {self.alpha}")
+        object.__setattr__(self, "alpha", float(np.float32(self.alpha)))  # the value the wire carries
 
-    @staticmethod
-    def _split(ctx: CodecContext) -> tuple[list[TensorSpec], list[TensorSpec]]:
-        return split_specs(ctx.spec)
 
-    def noise_tensors(self, seed: int, specs: list[TensorSpec]) -> dict[str, torch.Tensor]:
-        """This codec's noise for ``specs`` (the masked tensors), one tensor per name."""
-        flat = make_noise(seed, sum(t.numel for t in specs), self.noise, self.alpha)
-        return ModelSpec(tuple(specs)).unflatten(flat, specs)
+def noise_tensors(options: FedMRNOptions, seed: int, specs: list[TensorSpec]) -> dict[str, torch.Tensor]:
+    """The noise of ``specs`` (the masked tensors) for ``seed``, one tensor per name."""
+    flat = make_noise(seed, sum(t.numel for t in specs), options.noise, options.alpha)
+    return ModelSpec(tuple(specs)).unflatten(flat, specs)
+
+
+class FedMRN(Algorithm):
+    """FedMRN's local training: a latent update inside the client-round's noise (the codec's seed)."""
+
+    options: FedMRNOptions
 
     def parametrization(self, ctx: CodecContext, global_params: Update) -> Parametrization:
-        masked, _ = self._split(ctx)
-        return MaskedNoiseTraining(masked, self.noise_tensors(ctx.seed, masked), self.mask,
-                                   self.sm, self.pm, ctx.rng)
+        o = self.options
+        masked = split_specs(ctx.spec)[0]
+        return MaskedNoiseTraining(masked, noise_tensors(o, ctx.seed, masked), o.mask, o.sm, o.pm, ctx.rng)
 
-    def encode_body(self, update: Mapping[str, torch.Tensor], ctx: CodecContext) -> bytes:
-        masked, dense = self._split(ctx)
-        noise = torch.from_numpy(make_noise(ctx.seed, sum(t.numel for t in masked), self.noise, self.alpha))
-        ratio = torch.from_numpy(ctx.spec.flatten(update, masked)).div_(noise)  # a fresh copy: in place is safe
+
+@register("fedmrn", "1-bit mask over seeded random noise (FedMRN)", algorithm=FedMRN)
+class FedMRNCodec(KernelCodec):
+    codec_id = "fedmrn"
+    options_type = FedMRNOptions
+    symbolic = True
+    options: FedMRNOptions
+
+    def encode_kernels(self, flat: np.ndarray, update: Mapping[str, torch.Tensor], ctx: CodecContext,
+                       w: BodyWriter) -> None:
+        o = self.options
+        noise = torch.from_numpy(make_noise(ctx.seed, flat.size, o.noise, o.alpha))
+        ratio = torch.from_numpy(flat).div_(noise)  # a fresh copy: in place is safe
         # mask_probability(), in place (same float32 operations)
-        p = ratio.clamp_(0.0, 1.0) if self.mask == "binary" else ratio.add_(1.0).mul_(0.5).clamp_(0.0, 1.0)
-        bits = (torch.rand(p.shape, generator=ctx.rng) < p) if self.sm else (p > 0.5)
-        w = self.writer().u64(ctx.seed).u8(MASKS.index(self.mask)).u8(NOISES.index(self.noise)).f32(self.alpha)
-        contexts, k = noise_contexts(noise.numpy(), self.noise, self.alpha) if self.entropy else (None, 1)
+        p = ratio.clamp_(0.0, 1.0) if o.mask == "binary" else ratio.add_(1.0).mul_(0.5).clamp_(0.0, 1.0)
+        bits = (torch.rand(p.shape, generator=ctx.rng) < p) if o.sm else (p > 0.5)
+        w.u64(ctx.seed).u8(MASKS.index(o.mask)).u8(NOISES.index(o.noise)).f32(o.alpha)
+        contexts, k = noise_contexts(noise.numpy(), o.noise, o.alpha) if self.entropy else (None, 1)
         w.symbols(bits.numpy(), 2, contexts, k)
-        return w.raw(ctx.spec.flatten(update, dense).astype("<f4", copy=False)).getvalue()
 
-    def decode_body(self, reader: BodyReader, ctx: CodecContext) -> Update:
-        masked, dense = self._split(ctx)
+    def decode_kernels(self, reader: BodyReader, masked: list[TensorSpec], ctx: CodecContext) -> np.ndarray:
         n = sum(t.numel for t in masked)
         seed = reader.u64("seed")
         mask_i, noise_i = reader.u8("mask kind"), reader.u8("noise kind")
@@ -194,10 +208,7 @@ class FedMRNCodec(Codec):
         if not (np.isfinite(alpha) and 0 < alpha <= 1e3):
             raise PayloadError("field", f"alpha {alpha} is not a positive finite scale")
         if not self.entropy:
-            expected = (n + 7) // 8 + 4 * sum(t.numel for t in dense)
-            if reader.remaining != expected:
-                raise PayloadError("size", f"body carries {reader.remaining} bytes after its fields; the model "
-                                           f"needs {expected}")
+            self.check_size(reader, ctx, (n + 7) // 8, " after its fields")
         values = make_noise(seed, n, NOISES[noise_i], alpha)
         contexts, k = noise_contexts(values, NOISES[noise_i], alpha) if self.entropy else (None, 1)
         mask = reader.symbols(n, 2, "mask bits", contexts, k).astype(np.float32)
@@ -205,6 +216,4 @@ class FedMRNCodec(Codec):
             mask *= np.float32(2)
             mask -= np.float32(1)
         values *= mask  # noise * mask
-        out = ctx.spec.unflatten(values, masked)
-        out.update(ctx.spec.unflatten(reader.array("<f4", sum(t.numel for t in dense), "dense values"), dense))
-        return out
+        return values

@@ -11,7 +11,7 @@ bit-identical on every machine). ``weight_seed`` is part of the run configuratio
 it is not sent.
 
 The global model holds the *expected* network: a masked tensor's global value is ``w0 * theta``, so
-``theta = global / w0`` (:meth:`FedPMCodec.init_global` starts from ``theta = 0.5``). Everything else
+``theta = global / w0`` (:meth:`FedPM.init_global` starts from ``theta = 0.5``). Everything else
 in the engine (downlink, checkpoints, overflow checks) therefore sees ordinary float tensors.
 
 Local training (:class:`BernoulliMaskTraining`): latent scores ``s = logit(clamp(theta, EPS, 1 - EPS))``
@@ -38,7 +38,7 @@ Decoding: ``update = w0 * m - reference`` for masked tensors, so ``reference + u
 network ``w0 * m`` (up to one float32 rounding). A decode without ``ctx.reference`` is rejected
 (``PayloadError`` reason ``"reference"``): the mask alone does not determine an update.
 
-Aggregation (:meth:`FedPMCodec.aggregate`): Bayesian, with a uniform ``Beta(1, 1)`` prior reset every
+Aggregation (:meth:`FedPM.aggregate`): Bayesian, with a uniform ``Beta(1, 1)`` prior reset every
 round: ``theta_new = (1 + sum_k m_k) / (2 + K)`` over the ``K`` accepted clients, unweighted (every
 client's mask counts once, as in the paper), and the step is ``w0 * theta_new - global``. With
 ``prior_strength = L > 0`` the prior is instead ``Beta(1 + L theta, 1 + L (1 - theta))`` centred on
@@ -51,7 +51,7 @@ current global model. Under the default float32 downlink that is exact; under a 
 reference differs from the global model by the downlink's error, far below ``|w0| / 2``, and the
 rounding still recovers ``m_k`` exactly. Dense tensors: the example-weighted mean.
 
-Evaluation (:meth:`FedPMCodec.eval_params`): the evaluated network is one sample ``w0 * m``,
+Evaluation (:meth:`FedPM.eval_params`): the evaluated network is one sample ``w0 * m``,
 ``m ~ Bernoulli(theta)``, drawn with a ``torch.Generator`` seeded with the evaluation seed
 (deterministic); dense tensors as they are.
 """
@@ -59,16 +59,18 @@ Evaluation (:meth:`FedPMCodec.eval_params`): the evaluated network is one sample
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Mapping
 
 import numpy as np
 import torch
 
 from ..errors import ConfigError, PayloadError
-from .base import (Codec, CodecContext, ModelSpec, Parametrization, TensorSpec, Update, register, split_specs,
-                   weighted_mean)
+from .algorithms import Algorithm, Parametrization, weighted_mean
+from .base import CodecContext, KernelCodec, ModelSpec, Options, TensorSpec, Update, dense_count, split_specs
 from .fedmrn import make_noise
-from .wire import BodyReader
+from .registry import register
+from .wire import BodyReader, BodyWriter
 
 #: scores start at logit(clamp(theta, EPS, 1 - EPS))
 EPS = 1e-3
@@ -149,43 +151,50 @@ def _seed(value) -> int:
     return seed
 
 
-@register("fedpm", "Bernoulli masks over frozen random weights, Bayesian aggregation (FedPM)", weight_seed=0,
-          score_lr_scale=1.0, prior_strength=0.0)
-class FedPMCodec(Codec):
-    codec_id = "fedpm"
-    symbolic = True
+@dataclass(frozen=True)
+class FedPMOptions(Options):
+    weight_seed: int = 0
+    #: the mask scores' gradient is the weight gradient times w0 * sigmoid'(s) (about 0.01-0.1 here),
+    #: so with the client's SGD lr they barely move; this multiplies their learning rate only
+    score_lr_scale: float = 1.0
+    prior_strength: float = 0.0
 
-    def __init__(self, weight_seed: int, score_lr_scale: float, prior_strength: float):
-        self.weight_seed = _seed(weight_seed)
-        if not (isinstance(prior_strength, (int, float)) and prior_strength >= 0):
-            raise ConfigError(f"prior_strength must be a number >= 0, got {prior_strength!r}")
-        self.prior_strength = float(prior_strength)
-        if not (isinstance(score_lr_scale, (int, float)) and score_lr_scale > 0):
-            raise ConfigError(f"score_lr_scale must be a positive number, got {score_lr_scale!r}")
-        # the mask scores' gradient is the weight gradient times w0 * sigmoid'(s) (about 0.01-0.1 here),
-        # so with the client's SGD lr they barely move; this multiplies their learning rate only
-        self.score_lr_scale = float(score_lr_scale)
-        self._cache: dict[bytes, np.ndarray] = {}
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "weight_seed", _seed(self.weight_seed))  # up to 2**64-1: may come as a string
+        super().__post_init__()
 
-    # -- frozen weights ----------------------------------------------------------------------------
+    def check(self) -> None:
+        if not self.prior_strength >= 0:
+            raise ConfigError(f"prior_strength must be a number >= 0, got {self.prior_strength!r}")
+        if not self.score_lr_scale > 0:
+            raise ConfigError(f"score_lr_scale must be a positive number, got {self.score_lr_scale!r}")
+
+
+class FrozenWeights:
+    """The frozen weights ``w0`` of option ``weight_seed``, shared by FedPM's codec and algorithm."""
+
+    options: FedPMOptions
+
     def _w0_flat(self, spec: ModelSpec) -> np.ndarray:
+        cache = self.__dict__.setdefault("_w0_cache", {})
         fp = spec.fingerprint
-        if fp not in self._cache:
-            w0 = frozen_weights(self.weight_seed, split_specs(spec)[0])
+        if fp not in cache:
+            w0 = frozen_weights(self.options.weight_seed, split_specs(spec)[0])
             w0.setflags(write=False)
-            self._cache[fp] = w0
-        return self._cache[fp]
+            cache[fp] = w0
+        return cache[fp]
 
     def frozen(self, spec: ModelSpec) -> dict[str, torch.Tensor]:
         """The frozen weights ``w0`` of the masked tensors of ``spec``, one tensor per name."""
         masked = split_specs(spec)[0]
         return ModelSpec(tuple(masked)).unflatten(self._w0_flat(spec).copy(), masked)
 
-    @staticmethod
-    def _reference(ctx: CodecContext, masked: list[TensorSpec]) -> np.ndarray:
-        return ctx.spec.flatten(ctx.reference, masked)
 
-    # -- server-side hooks -------------------------------------------------------------------------
+class FedPM(FrozenWeights, Algorithm):
+    """Mask training, the Beta posterior and the sampled evaluation network (module docstring)."""
+
+    additive_step = False  # the posterior sets theta directly; the "step" only encodes the new model
+
     def init_global(self, params: Update, spec: ModelSpec) -> Update:
         out = dict(params)
         for name, w0 in self.frozen(spec).items():
@@ -203,7 +212,7 @@ class FedPMCodec(Codec):
             count = torch.zeros_like(g)
             for _, _, upd in updates:
                 count += torch.round((upd[name].to(torch.float64) + g) / w0).clamp(0, 1)
-            lam = self.prior_strength
+            lam = self.options.prior_strength
             theta = (g / w0).clamp(0, 1)
             step[name] = w0 * ((1.0 + lam * theta + count) / (2.0 + lam + k)) - g
         return step
@@ -216,42 +225,44 @@ class FedPMCodec(Codec):
         sample = (w0 * (torch.rand(theta.shape, generator=gen) < theta)).numpy()
         return dict(params) | spec.unflatten(sample, masked)
 
-    # -- client side -------------------------------------------------------------------------------
     def parametrization(self, ctx: CodecContext, global_params: Update) -> Parametrization:
         masked, _ = split_specs(ctx.spec)
-        return BernoulliMaskTraining(masked, self.frozen(ctx.spec), global_params, ctx.rng, self.score_lr_scale)
+        return BernoulliMaskTraining(masked, self.frozen(ctx.spec), global_params, ctx.rng,
+                                     self.options.score_lr_scale)
 
-    def encode_body(self, update: Mapping[str, torch.Tensor], ctx: CodecContext) -> bytes:
+
+@register("fedpm", "Bernoulli masks over frozen random weights, Bayesian aggregation (FedPM)", algorithm=FedPM)
+class FedPMCodec(FrozenWeights, KernelCodec):
+    codec_id = "fedpm"
+    options_type = FedPMOptions
+    symbolic = True
+
+    def _contexts(self, ref: np.ndarray, w0: np.ndarray) -> tuple[np.ndarray | None, int]:
+        return (theta_contexts(ref, w0), CONTEXTS) if self.entropy else (None, 1)
+
+    def encode_kernels(self, flat: np.ndarray, update: Mapping[str, torch.Tensor], ctx: CodecContext,
+                       w: BodyWriter) -> None:
         if ctx.reference is None:
             raise ConfigError("fedpm encodes against the model the client trained from: CodecContext.reference "
                               "is missing")
-        masked, dense = split_specs(ctx.spec)
         w0 = self._w0_flat(ctx.spec)
-        ref = self._reference(ctx, masked)
-        theta = torch.from_numpy((ref + ctx.spec.flatten(update, masked)) / w0).clamp(0, 1)
+        ref = ctx.spec.flatten(ctx.reference, split_specs(ctx.spec)[0])
+        theta = torch.from_numpy((ref + flat) / w0).clamp(0, 1)
         bits = (torch.rand(theta.shape, generator=ctx.rng) < theta).numpy()
-        contexts, k = (theta_contexts(ref, w0), CONTEXTS) if self.entropy else (None, 1)
-        w = self.writer().symbols(bits, 2, contexts, k)
-        return w.raw(ctx.spec.flatten(update, dense).astype("<f4", copy=False)).getvalue()
+        w.symbols(bits, 2, *self._contexts(ref, w0))
 
-    def decode_body(self, reader: BodyReader, ctx: CodecContext) -> Update:
+    def decode_kernels(self, reader: BodyReader, masked: list[TensorSpec], ctx: CodecContext) -> np.ndarray:
         if ctx.reference is None:
             raise PayloadError("reference", "fedpm decodes a mask relative to the model the client trained from, "
                                             "but the decoder was given no CodecContext.reference")
-        masked, dense = split_specs(ctx.spec)
-        n, n_dense = sum(t.numel for t in masked), sum(t.numel for t in dense)
+        n, n_dense = sum(t.numel for t in masked), dense_count(ctx.spec)
         if not self.entropy:
-            expected = (n + 7) // 8 + 4 * n_dense
-            if reader.remaining != expected:
-                raise PayloadError("size", f"body carries {reader.remaining} bytes; the model needs {expected}")
+            self.check_size(reader, ctx, (n + 7) // 8)
         elif reader.remaining > max_entropy_body(n, n_dense):
             raise PayloadError("size", f"body carries {reader.remaining} bytes; an entropy-coded mask for this "
                                        f"model takes at most {max_entropy_body(n, n_dense)}")
         w0 = self._w0_flat(ctx.spec)
-        ref = self._reference(ctx, masked)
-        contexts, k = (theta_contexts(ref, w0), CONTEXTS) if self.entropy else (None, 1)
-        bits = reader.symbols(n, 2, "mask bits", contexts, k)
+        ref = ctx.spec.flatten(ctx.reference, masked)
+        bits = reader.symbols(n, 2, "mask bits", *self._contexts(ref, w0))
         values = np.where(bits.astype(bool), w0, np.float32(0)) - ref
-        out = ctx.spec.unflatten(values.astype(np.float32, copy=False), masked)
-        out.update(ctx.spec.unflatten(reader.array("<f4", n_dense, "dense values"), dense))
-        return out
+        return values.astype(np.float32, copy=False)

@@ -28,16 +28,18 @@ still encodes (its scale is not finite) and the server rejects it, as it would a
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Mapping
 
 import numpy as np
 import torch
 
 from ..errors import ConfigError, PayloadError
-from .base import Codec, CodecContext, Update, register, split_specs
+from .base import CodecContext, KernelCodec, Options, TensorSpec, split_specs
+from .registry import register
 from .signsgd import read_scales
 from .symbols import fixed_size
-from .wire import BodyReader
+from .wire import BodyReader, BodyWriter
 
 MAX_LEVELS = 255
 
@@ -64,21 +66,26 @@ def quantize(x: np.ndarray, m: np.float32, levels: int, u: np.ndarray) -> np.nda
     return q
 
 
-@register("qsgd", "unbiased stochastic uniform quantization, max-norm scale per tensor (FedPAQ-style)", levels=4)
-class QSGDCodec(Codec):
+@dataclass(frozen=True)
+class QSGDOptions(Options):
+    levels: int = 4
+
+    def check(self) -> None:
+        if not 1 <= self.levels <= MAX_LEVELS:
+            raise ConfigError(f"levels must be an integer in 1..{MAX_LEVELS}, got {self.levels!r}")
+
+
+@register("qsgd", "unbiased stochastic uniform quantization, max-norm scale per tensor (FedPAQ-style)")
+class QSGDCodec(KernelCodec):
     codec_id = "qsgd"
+    options_type = QSGDOptions
     symbolic = True
 
-    def __init__(self, levels: int):
-        if isinstance(levels, bool) or not isinstance(levels, (int, np.integer)) or not 1 <= levels <= MAX_LEVELS:
-            raise ConfigError(f"levels must be an integer in 1..{MAX_LEVELS}, got {levels!r}")
-        self.levels = int(levels)
-
-    def encode_body(self, update: Mapping[str, torch.Tensor], ctx: CodecContext) -> bytes:
+    def encode_kernels(self, flat: np.ndarray, update: Mapping[str, torch.Tensor], ctx: CodecContext,
+                       w: BodyWriter) -> None:
         if ctx.rng is None:
             raise ConfigError("qsgd rounds at random and needs the client's generator (CodecContext.rng)")
-        compressed, dense = split_specs(ctx.spec)
-        flat = ctx.spec.flatten(update, compressed)
+        compressed, levels = split_specs(ctx.spec)[0], self.options.levels
         u = torch.rand(flat.size, generator=ctx.rng, dtype=torch.float32).numpy()
         maxima = np.zeros(len(compressed), np.float32)
         q = np.empty(flat.size, np.uint8)
@@ -87,25 +94,19 @@ class QSGDCodec(Codec):
             end = pos + t.numel
             seg = flat[pos:end]
             maxima[i] = np.abs(seg).max() if seg.size else 0.0
-            q[pos:end] = quantize(seg, maxima[i], self.levels, u[pos:end])
+            q[pos:end] = quantize(seg, maxima[i], levels, u[pos:end])
             pos = end
-        w = self.writer().u8(self.levels).raw(maxima.astype("<f4", copy=False))
-        w.symbols(q, self.levels + 1)
-        return w.raw(ctx.spec.flatten(update, dense).astype("<f4", copy=False)).getvalue()
+        w.u8(levels).raw(maxima.astype("<f4", copy=False))
+        w.symbols(q, levels + 1)
 
-    def decode_body(self, reader: BodyReader, ctx: CodecContext) -> Update:
-        compressed, dense = split_specs(ctx.spec)
+    def decode_kernels(self, reader: BodyReader, compressed: list[TensorSpec], ctx: CodecContext) -> np.ndarray:
         n = sum(t.numel for t in compressed)
-        n_dense = sum(t.numel for t in dense)
         levels = reader.u8("levels")
         if not 1 <= levels <= MAX_LEVELS:
             raise PayloadError("field", f"levels {levels} outside 1..{MAX_LEVELS}")
         maxima = read_scales(reader, len(compressed), "tensor maxima")
         if not self.entropy:
-            expected = fixed_size(n, levels + 1) + 4 * n_dense
-            if reader.remaining != expected:
-                raise PayloadError("size", f"body carries {reader.remaining} bytes after the scales; the model "
-                                           f"needs {expected}")
+            self.check_size(reader, ctx, fixed_size(n, levels + 1), " after the scales")
         q = reader.symbols(n, levels + 1, "grid indices")
         points = grid(levels)
         values = np.empty(n, np.float32)
@@ -114,6 +115,4 @@ class QSGDCodec(Codec):
             end = pos + t.numel
             np.multiply(points[q[pos:end]], maxima[i], out=values[pos:end])
             pos = end
-        out = ctx.spec.unflatten(values, compressed)
-        out.update(ctx.spec.unflatten(reader.array("<f4", n_dense, "dense values"), dense))
-        return out
+        return values

@@ -30,16 +30,18 @@ is ``±scale``). A client whose tensor is all zero (scale 0) abstains in that te
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Mapping
 
 import numpy as np
 import torch
 
 from ..errors import PayloadError
-from .base import (Codec, CodecContext, ModelSpec, TensorSpec, Update, _flag, register, split_specs,
-                   weighted_mean)
+from .algorithms import Algorithm, weighted_mean
+from .base import CodecContext, KernelCodec, ModelSpec, Options, TensorSpec, Update, split_specs
+from .registry import register
 from .symbols import fixed_size
-from .wire import BodyReader
+from .wire import BodyReader, BodyWriter
 
 
 def tensor_scales(flat: np.ndarray, specs: list[TensorSpec]) -> np.ndarray:
@@ -62,47 +64,19 @@ def read_scales(reader: BodyReader, count: int, what: str) -> np.ndarray:
     return scales
 
 
-@register("signsgd", "1 bit per weight times a per-tensor mean magnitude (signSGD; EF-SignSGD with ef=true)",
-          vote=False)
-class SignSGDCodec(Codec):
-    codec_id = "signsgd"
-    symbolic = True
+@dataclass(frozen=True)
+class SignSGDOptions(Options):
+    vote: bool = False
 
-    def __init__(self, vote: bool):
-        self.vote = _flag("vote", vote)
 
-    def encode_body(self, update: Mapping[str, torch.Tensor], ctx: CodecContext) -> bytes:
-        compressed, dense = split_specs(ctx.spec)
-        flat = ctx.spec.flatten(update, compressed)
-        w = self.writer().raw(tensor_scales(flat, compressed).astype("<f4", copy=False))
-        w.symbols((flat >= 0).view(np.uint8), 2)
-        return w.raw(ctx.spec.flatten(update, dense).astype("<f4", copy=False)).getvalue()
+class SignSGD(Algorithm):
+    """The example-weighted mean, or with ``vote`` the scaled majority vote of the module docstring."""
 
-    def decode_body(self, reader: BodyReader, ctx: CodecContext) -> Update:
-        compressed, dense = split_specs(ctx.spec)
-        n = sum(t.numel for t in compressed)
-        n_dense = sum(t.numel for t in dense)
-        scales = read_scales(reader, len(compressed), "tensor scales")
-        if not self.entropy:
-            expected = fixed_size(n, 2) + 4 * n_dense
-            if reader.remaining != expected:
-                raise PayloadError("size", f"body carries {reader.remaining} bytes after the scales; the model "
-                                           f"needs {expected}")
-        bits = reader.symbols(n, 2, "sign bits")
-        values = np.empty(n, np.float32)
-        pos = 0
-        for t, scale in zip(compressed, scales):
-            end = pos + t.numel
-            values[pos:end] = np.where(bits[pos:end] != 0, scale, -scale)
-            pos = end
-        out = ctx.spec.unflatten(values, compressed)
-        out.update(ctx.spec.unflatten(reader.array("<f4", n_dense, "dense values"), dense))
-        return out
+    options: SignSGDOptions
 
     def aggregate(self, spec: ModelSpec, global_params: Update,
                   updates: list[tuple[int, float, Update]]) -> dict[str, torch.Tensor]:
-        """Default: the weighted mean. With ``vote``: the scaled majority vote of the module docstring."""
-        if not self.vote:
+        if not self.options.vote:
             return weighted_mean(spec, updates)
         compressed, dense = split_specs(spec)
         out = weighted_mean(ModelSpec(tuple(dense)), updates)
@@ -117,3 +91,30 @@ class SignSGDCodec(Codec):
                     scale += (w / total) * float(u.abs().mean())
             out[t.name] = torch.sign(votes) * scale
         return out
+
+
+@register("signsgd", "1 bit per weight times a per-tensor mean magnitude (signSGD; EF-SignSGD with ef=true)",
+          algorithm=SignSGD)
+class SignSGDCodec(KernelCodec):
+    codec_id = "signsgd"
+    options_type = SignSGDOptions
+    symbolic = True
+
+    def encode_kernels(self, flat: np.ndarray, update: Mapping[str, torch.Tensor], ctx: CodecContext,
+                       w: BodyWriter) -> None:
+        w.raw(tensor_scales(flat, split_specs(ctx.spec)[0]).astype("<f4", copy=False))
+        w.symbols((flat >= 0).view(np.uint8), 2)
+
+    def decode_kernels(self, reader: BodyReader, compressed: list[TensorSpec], ctx: CodecContext) -> np.ndarray:
+        n = sum(t.numel for t in compressed)
+        scales = read_scales(reader, len(compressed), "tensor scales")
+        if not self.entropy:
+            self.check_size(reader, ctx, fixed_size(n, 2), " after the scales")
+        bits = reader.symbols(n, 2, "sign bits")
+        values = np.empty(n, np.float32)
+        pos = 0
+        for t, scale in zip(compressed, scales):
+            end = pos + t.numel
+            values[pos:end] = np.where(bits[pos:end] != 0, scale, -scale)
+            pos = end
+        return values

@@ -1,64 +1,46 @@
-"""Composable stages that wrap any codec.
+"""The uplink bundle and the stages that compose with any codec.
 
-* :class:`ErrorFeedback` (``ef=true``): the client adds the error its codec made last time to this
-  round's update before encoding, and keeps the new error (what the server will *not* see)
-  for next time: ``c = u + e;  payload = encode(c);  e = c - decode(payload)``. The residual is
-  computed from the very bytes sent, so it is exact. It lives in the client's own state
-  (``ctx.state``) and never travels.
-* Entropy coding (``entropy=true``) is not a wrapper: every symbol section a codec writes goes
-  through :mod:`fedcodec.codecs.symbols`, which either bit-packs or range-codes it.
+* :class:`ErrorFeedback` (``ef=true``): a memory the uplink keeps around a lossy codec. The client
+  adds the error its codec made last time to this round's update before encoding, and keeps the new
+  error (what the server will *not* see) for next time: ``c = u + e;  payload = encode(c);
+  e = c - decode(payload)``. The residual is computed from the very bytes sent, so it is exact. It
+  lives in the client's own state (``ctx.state``, keys ``ef/<tensor>``) and never travels. It wraps
+  no codec: it calls the codec's own ``encode`` and ``decode``, so no codec hook can be bypassed.
+* Entropy coding (``entropy=true``) is no wrapper either: the codec is *built* with it
+  (``Codec(options, entropy=True)``), and every symbol section it writes goes through
+  :mod:`fedcodec.codecs.symbols`, which either bit-packs or range-codes it.
+* :class:`Uplink` is what the engine holds for the client → server direction: the codec, the
+  algorithm, the codec's setup protocol (or None) and whether error feedback is on.
 """
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import Mapping
 
 import torch
 
 from ..errors import ConfigError, PayloadError
-from .base import Codec, CodecContext, ModelSpec, Parametrization, Prepass, Update
+from .algorithms import Algorithm
+from .base import Codec, CodecContext, Update
+from .setup import Setup
 
 RESIDUAL = "ef/"
 log = logging.getLogger("fedcodec.stages")
 
 
-class ErrorFeedback(Codec):
-    """Error-feedback memory around a lossy codec; same wire format as the codec it wraps."""
+class ErrorFeedback:
+    """Error-feedback memory around the lossy codec ``codec``; the payload is the codec's own."""
 
-    stateful = True
-
-    def __init__(self, inner: Codec):
-        self.inner = inner
-        self.codec_id = inner.codec_id
-        self.entropy = inner.entropy
-        self.symbolic = inner.symbolic
-
-    def __repr__(self) -> str:
-        return f"ErrorFeedback({type(self.inner).__name__})"
-
-    def parametrization(self, ctx: CodecContext, global_params: Update) -> Parametrization | None:
-        return self.inner.parametrization(ctx, global_params)
-
-    def init_global(self, params: Update, spec: ModelSpec) -> Update:
-        return self.inner.init_global(params, spec)
-
-    def prepass(self, ctx: CodecContext) -> Prepass | None:
-        return self.inner.prepass(ctx)
-
-    def fit(self, snapshots: list[Update], ctx: CodecContext) -> bytes:
-        return self.inner.fit(snapshots, ctx)
-
-    def accept_setup(self, message: bytes, ctx: CodecContext) -> None:
-        self.inner.accept_setup(message, ctx)
-
-    def aggregate(self, spec, global_params, updates):
-        return self.inner.aggregate(spec, global_params, updates)
-
-    def eval_params(self, params: Update, spec: ModelSpec, seed: int) -> Update:
-        return self.inner.eval_params(params, spec, seed)
+    def __init__(self, codec: Codec):
+        if codec.lossless:
+            raise ConfigError(f"codec {codec.codec_id!r} is lossless: error feedback would always carry zero; "
+                              "drop ef=true")
+        self.codec = codec
 
     def encode(self, update: Mapping[str, torch.Tensor], ctx: CodecContext) -> bytes:
+        """``codec.encode(update + memory)``, leaving the new memory in ``ctx.state``."""
         if ctx.state is None:
             raise ConfigError("error feedback needs the client's state store (CodecContext.state); "
                               "run it through fedcodec's client function")
@@ -70,10 +52,10 @@ class ErrorFeedback(Codec):
         for n in names:
             if RESIDUAL + n in ctx.state:
                 compensated[n] = update[n] + ctx.state[RESIDUAL + n]
-        payload = self.inner.encode(compensated, ctx)
+        payload = self.codec.encode(compensated, ctx)
         # the client decodes with its own store: a codec whose decoder lives there (AE) needs it
         try:
-            seen = self.inner.decode(payload, CodecContext(ctx.spec, ctx.client, ctx.round, reference=ctx.reference,
+            seen = self.codec.decode(payload, CodecContext(ctx.spec, ctx.client, ctx.round, reference=ctx.reference,
                                                            state=ctx.state))
         except PayloadError as err:  # the server will reject it too; start the memory afresh, don't crash
             log.warning("client %s, round %d: own payload does not decode (%s); error-feedback memory reset",
@@ -89,5 +71,40 @@ class ErrorFeedback(Codec):
                 ctx.state.pop(RESIDUAL + n, None)  # exact tensors (float32 side values) keep no memory
         return payload
 
+
+@dataclass(frozen=True)
+class Uplink:
+    """The client → server side of a method: what the engine holds and calls.
+
+    ``codec`` makes the bytes, ``algorithm`` says how clients train and how the server aggregates,
+    ``setup`` runs a learning codec's pre-pass and setup messages (None for every other codec), and
+    ``error_feedback`` applies :class:`ErrorFeedback` around the codec on the client.
+    """
+
+    codec: Codec
+    algorithm: Algorithm
+    setup: Setup | None = None
+    error_feedback: bool = False
+
+    def __post_init__(self) -> None:
+        if self.error_feedback:
+            ErrorFeedback(self.codec)  # refuses a lossless codec
+
+    @property
+    def codec_id(self) -> str:
+        """The wire id of the payloads (what the ledger records)."""
+        return self.codec.codec_id
+
+    @property
+    def stateful(self) -> bool:
+        """Whether clients keep state for it between rounds (the engine must supply a store)."""
+        return self.error_feedback or self.setup is not None
+
+    def encode(self, update: Mapping[str, torch.Tensor], ctx: CodecContext) -> bytes:
+        """The client's payload, through the error-feedback memory when it is on."""
+        if self.error_feedback:
+            return ErrorFeedback(self.codec).encode(update, ctx)
+        return self.codec.encode(update, ctx)
+
     def decode(self, payload: bytes, ctx: CodecContext) -> Update:
-        return self.inner.decode(payload, ctx)
+        return self.codec.decode(payload, ctx)

@@ -25,6 +25,7 @@ update holding NaN treats it as the largest magnitude, so it is sent and the ser
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from fractions import Fraction
 from typing import Mapping
 
@@ -32,8 +33,9 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError, PayloadError
-from .base import Codec, CodecContext, Update, register, split_specs
-from .wire import BodyReader
+from .base import CodecContext, KernelCodec, Options, TensorSpec
+from .registry import register
+from .wire import BodyReader, BodyWriter
 
 CLASSES = 33  # class symbols 1..32; 0 is never sent
 MAX_N = 2**32 - 1  # g + 1 <= n must fit 32 bits, and k is a u32
@@ -114,32 +116,33 @@ def decode_positions(classes: np.ndarray, raw: np.ndarray, n: int) -> np.ndarray
     return idx
 
 
-@register("topk", "global top-k sparsification with Elias-gamma coded positions", fraction=0.01)
-class TopKCodec(Codec):
+@dataclass(frozen=True)
+class TopKOptions(Options):
+    fraction: float = 0.01
+
+    def check(self) -> None:
+        if not 0 < self.fraction <= 1:
+            raise ConfigError(f"fraction must be a number in (0, 1], got {self.fraction!r}")
+
+
+@register("topk", "global top-k sparsification with Elias-gamma coded positions")
+class TopKCodec(KernelCodec):
     codec_id = "topk"
+    options_type = TopKOptions
     symbolic = True
 
-    def __init__(self, fraction: float):
-        if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction <= 1:
-            raise ConfigError(f"fraction must be a number in (0, 1], got {fraction!r}")
-        self.fraction = float(fraction)
-
-    def encode_body(self, update: Mapping[str, torch.Tensor], ctx: CodecContext) -> bytes:
-        compressed, dense = split_specs(ctx.spec)
-        flat = ctx.spec.flatten(update, compressed)
+    def encode_kernels(self, flat: np.ndarray, update: Mapping[str, torch.Tensor], ctx: CodecContext,
+                       w: BodyWriter) -> None:
         if flat.size > MAX_N:
             raise ConfigError(f"topk codes positions in 32 bits; {flat.size} weights are too many")
-        idx = top_indices(flat, keep_count(self.fraction, flat.size))
+        idx = top_indices(flat, keep_count(self.options.fraction, flat.size))
         classes, mantissas = encode_positions(idx)
-        w = self.writer().u32(idx.size)
+        w.u32(idx.size)
         w.symbols(classes, CLASSES)
         w.raw(mantissas).raw(flat[idx].astype("<f4", copy=False))
-        return w.raw(ctx.spec.flatten(update, dense).astype("<f4", copy=False)).getvalue()
 
-    def decode_body(self, reader: BodyReader, ctx: CodecContext) -> Update:
-        compressed, dense = split_specs(ctx.spec)
+    def decode_kernels(self, reader: BodyReader, compressed: list[TensorSpec], ctx: CodecContext) -> np.ndarray:
         n = sum(t.numel for t in compressed)
-        n_dense = sum(t.numel for t in dense)
         k = reader.u32("k")
         if k > n:
             raise PayloadError("field", f"k = {k} kept values, but the model has only {n} compressed weights")
@@ -151,11 +154,7 @@ class TopKCodec(Codec):
             raise PayloadError("truncated", f"gap mantissas need {nbytes} bytes but only {reader.remaining} remain")
         raw = np.frombuffer(reader.take(nbytes, "gap mantissas"), np.uint8)
         idx = decode_positions(classes, raw, n)
-        if reader.remaining != 4 * k + 4 * n_dense:
-            raise PayloadError("size", f"body carries {reader.remaining} bytes after the positions; {k} kept "
-                                       f"values and the dense tensors need {4 * k + 4 * n_dense}")
+        self.check_size(reader, ctx, 4 * k, f" after the positions ({k} kept values)")
         values = np.zeros(n, np.float32)
         values[idx] = reader.array("<f4", k, "kept values")
-        out = ctx.spec.unflatten(values, compressed)
-        out.update(ctx.spec.unflatten(reader.array("<f4", n_dense, "dense values"), dense))
-        return out
+        return values

@@ -15,8 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from ..codecs import Codec, CodecContext, ModelSpec, Parametrization, Update
-from ..codecs.base import Prepass
+from ..codecs import CodecContext, ModelSpec, Parametrization, Prepass, Update, Uplink
 from ..errors import ConfigError
 from .downlink import Downlink
 from . import rng as rngs
@@ -84,7 +83,7 @@ class ClientRuntime:
 
     model: nn.Module
     spec: ModelSpec
-    uplink: Codec
+    uplink: Uplink
     downlink: Downlink
     run_seed: int
     task: Task = field(default_factory=Classification)
@@ -250,15 +249,15 @@ def client_fit(rt: ClientRuntime, broadcast: bytes, x: torch.Tensor, y: torch.Te
                        rng=rngs.torch_generator(rngs.derive_seed(rt.run_seed, rnd, rngs.CLIENT_CODEC, client)),
                        reference=global_params, state=state, metrics=metrics)
     info: dict = {"num_examples": len(x)}
-    plan = rt.uplink.prepass(ctx)
+    plan = rt.uplink.setup.prepass(ctx) if rt.uplink.setup is not None else None
     if plan is not None:
         if state is None:
             raise ConfigError(f"codec {rt.uplink.codec_id!r} fits itself on the client and needs the client's "
                               "store (client_fit(..., state=...))")
         gen = rngs.torch_generator(rngs.derive_seed(rt.run_seed, rnd, rngs.PREPASS, client))
         rt.load_local(state)  # the pre-pass trains them too; its result is discarded
-        info["setup"] = rt.uplink.fit(prepass(rt, global_params, x, y, cfg, plan, gen), ctx)
-    param = rt.uplink.parametrization(ctx, global_params)
+        info["setup"] = rt.uplink.setup.fit(prepass(rt, global_params, x, y, cfg, plan, gen), ctx)
+    param = rt.uplink.algorithm.parametrization(ctx, global_params)
     if param is not None and rt.local:
         raise ConfigError(f"codec {rt.uplink.codec_id!r} changes how clients train; it cannot be combined "
                           "with client-local tensors")

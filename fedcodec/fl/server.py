@@ -11,8 +11,8 @@ from typing import Callable
 
 import torch
 
-from ..codecs import Codec, CodecContext, ModelSpec, Update
-from ..codecs.base import weighted_mean
+from ..codecs import Algorithm, CodecContext, ModelSpec, Update, Uplink
+from ..codecs.algorithms import weighted_mean
 from ..errors import PayloadError
 
 log = logging.getLogger("fedcodec.server")
@@ -48,21 +48,21 @@ ApplyStep = Callable[[Update, dict[str, torch.Tensor]], Update]
 
 
 def aggregate(spec: ModelSpec, global_params: Update, updates: list[tuple[int, float, Update]],
-              codec: Codec | None = None, apply: ApplyStep | None = None) -> Update:
-    """Global + the codec's aggregate of the updates (default: the example-weighted mean), summed
-    in client-id order in float64; ``apply`` (a server optimizer's step) decides how the aggregate
-    moves the model, else it is added."""
+              algorithm: Algorithm | None = None, apply: ApplyStep | None = None) -> Update:
+    """Global + the algorithm's aggregate of the updates (default: the example-weighted mean),
+    summed in client-id order in float64; ``apply`` (a server optimizer's step) decides how the
+    aggregate moves the model, else it is added."""
     if not updates:
         return global_params
     updates = sorted(updates, key=lambda u: u[0])
-    step = codec.aggregate(spec, global_params, updates) if codec is not None else weighted_mean(spec, updates)
+    step = algorithm.aggregate(spec, global_params, updates) if algorithm is not None else weighted_mean(spec, updates)
     if apply is not None:
         return apply(global_params, step)
     return {t.name: (global_params[t.name].to(torch.float64) + step[t.name]).to(torch.float32)
             for t in spec.tensors}
 
 
-def server_round(uplink: Codec, spec: ModelSpec, global_params: Update, rnd: int,
+def server_round(uplink: Uplink, spec: ModelSpec, global_params: Update, rnd: int,
                  payloads: dict[int, tuple[bytes, float]], min_clients: int = 1,
                  max_update_norm: float | None = None,
                  references: dict[int, Update] | None = None,
@@ -88,8 +88,10 @@ def server_round(uplink: Codec, spec: ModelSpec, global_params: Update, rnd: int
     failed_setup: dict[int, str] = {}
     for client in sorted(setups or {}):
         try:
+            if uplink.setup is None:
+                raise PayloadError("setup", f"codec {uplink.codec_id!r} takes no setup messages", client)
             store = stores.setdefault(client, {}) if stores is not None else None
-            uplink.accept_setup(setups[client], CodecContext(spec, client=client, round=rnd, state=store))
+            uplink.setup.accept_setup(setups[client], CodecContext(spec, client=client, round=rnd, state=store))
         except PayloadError as err:
             err = err if err.client is not None else err.for_client(client)
             log.warning("round %d: %s", rnd, err)
@@ -120,7 +122,7 @@ def server_round(uplink: Codec, spec: ModelSpec, global_params: Update, rnd: int
         log.warning("round %d: only %d of %d payloads usable (< %d); global model unchanged",
                     rnd, len(decoded), len(payloads), min_clients)
         return global_params, outcome
-    new = aggregate(spec, global_params, decoded, uplink, apply)
+    new = aggregate(spec, global_params, decoded, uplink.algorithm, apply)
     if not all(torch.isfinite(t).all() for t in new.values()):  # defence in depth; overflows() prevents it
         log.error("round %d: aggregate is not finite; global model unchanged", rnd)
         return global_params, outcome

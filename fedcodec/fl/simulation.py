@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..codecs import ModelSpec, Update, build_codec
+from ..codecs import ModelSpec, Update, build_codec, build_uplink
 from ..config import Config
 from ..data import FederatedSource, partition
 from ..models import build_model
@@ -85,9 +85,9 @@ def setup(cfg: Config, source: FederatedSource) -> tuple[Simulation, RunState]:
     cfg.validate()
     model = build_model(cfg.model, source.input_shape, source.num_classes, seed=cfg.seed, init_std=cfg.init_std)
     spec = ModelSpec.from_model(model)
-    uplink = build_codec(cfg.method_spec().codec, **cfg.uplink_options)
+    uplink = build_uplink(cfg.method_spec().codec, **cfg.uplink_options)
     tensors = dict(model.named_parameters()) | dict(model.named_buffers())
-    initial = uplink.init_global({t.name: tensors[t.name].detach().clone() for t in spec.tensors}, spec)
+    initial = uplink.algorithm.init_global({t.name: tensors[t.name].detach().clone() for t in spec.tensors}, spec)
     downlink = Downlink(build_codec(cfg.downlink, **cfg.downlink_options), cfg.downlink_delta, spec, cfg.seed,
                         initial)
     rt = ClientRuntime(model, spec, uplink, downlink, cfg.seed)
@@ -107,9 +107,9 @@ def local_training(cfg: Config) -> LocalTraining:
 
 @torch.no_grad()
 def evaluate(sim: Simulation, params: Update, batch_size: int = 1000) -> tuple[float, float]:
-    """Test accuracy and mean cross-entropy of ``params`` (as the uplink codec says to evaluate them)."""
+    """Test accuracy and mean cross-entropy of ``params`` (as the uplink's algorithm says to evaluate them)."""
     rt = sim.runtime
-    rt.load(rt.uplink.eval_params(params, sim.spec, rngs.derive_seed(sim.cfg.seed, rngs.EVAL)))
+    rt.load(rt.uplink.algorithm.eval_params(params, sim.spec, rngs.derive_seed(sim.cfg.seed, rngs.EVAL)))
     rt.model.eval()
     x, y = sim.source.test_x, sim.source.test_y
     correct, loss = 0, 0.0

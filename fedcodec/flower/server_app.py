@@ -56,22 +56,11 @@ def resume_state(sim, cfg, out: Path):
 
 def client_side_state(sim) -> list[str]:
     """What the clients of ``sim`` keep in their own stores between rounds (empty: nothing)."""
-    from ..codecs.base import Codec
-
     rt, cfg = sim.runtime, sim.cfg
-    kept = []
-    if rt.uplink.stateful:
-        kept.append("error-feedback memory")
-    if type(rt.uplink).prepass is not Codec.prepass or getattr(rt.uplink, "inner", None) is not None and \
-            type(rt.uplink.inner).prepass is not Codec.prepass:
-        kept.append("a fitted codec")
-    if cfg.downlink_delta:
-        kept.append("a copy of the model (delta downlink)")
-    if cfg.keep_optimizer_state:
-        kept.append("optimizer state")
-    if rt.local:
-        kept.append("client-local tensors")
-    return kept
+    kept = {"error-feedback memory": rt.uplink.error_feedback, "a fitted codec": rt.uplink.setup is not None,
+            "a copy of the model (delta downlink)": cfg.downlink_delta,
+            "optimizer state": cfg.keep_optimizer_state, "client-local tensors": bool(rt.local)}
+    return [what for what, keeps in kept.items() if keeps]
 
 
 def run_rounds(grid: Grid, cfg, settings: FlowerSettings, out: Path) -> None:

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from ..codecs import ModelSpec, Update, build_codec
+from ..codecs import ModelSpec, Update, build_codec, build_uplink
 from ..config import Config
 from ..data import FederatedSource
 from ..errors import ConfigError
@@ -145,9 +145,9 @@ def build_simulation(src: NeuralSource, mode: str, lmbda: float, s: Settings) ->
                  batch_size=s.batch_size, lr=s.lr, optimizer="adam",
                  keep_optimizer_state=s.keep_optimizer_state, method=s.method,
                  codec_options=dict(s.codec_options), eval_every=s.rounds, checkpoint_every=s.rounds).validate()
-    uplink = build_codec(cfg.method_spec().codec, **cfg.uplink_options)
+    uplink = build_uplink(cfg.method_spec().codec, **cfg.uplink_options)
     tensors = dict(model.named_parameters()) | dict(model.named_buffers())
-    initial = uplink.init_global({t.name: tensors[t.name].detach().clone() for t in spec.tensors}, spec)
+    initial = uplink.algorithm.init_global({t.name: tensors[t.name].detach().clone() for t in spec.tensors}, spec)
     downlink = Downlink(build_codec("fp32"), False, spec, s.seed, initial)
     rt = ClientRuntime(model, spec, uplink, downlink, s.seed, task=NTCTask(lmbda, s.prior_lr_scale), local=local)
     x = torch.cat(src.train)

@@ -1,0 +1,91 @@
+"""What a compression method changes beyond the wire: local training and the server's step.
+
+An :class:`Algorithm` is built from the same options object as its codec. The default,
+:class:`FedAvg`, trains the weights themselves, starts from the model's initial weights, adds the
+example-weighted mean of the decoded updates and evaluates the global model as it is. Methods that
+differ override only what they change: FedMRN and FedBAT reparametrize local training, signSGD
+with ``vote=true`` aggregates by majority vote, FedPM does all four (Bernoulli masks, a Beta
+posterior, a sampled network for evaluation).
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+
+from .base import CodecContext, ModelSpec, Options, Update
+
+
+class Parametrization:
+    """How an algorithm reparametrizes local training. The engine calls, in order:
+
+    ``init()`` → trainable latent tensors; for every step ``deltas(latent, progress)`` →
+    the update added to the frozen global weight in the forward pass (``progress`` runs from 0 to 1);
+    at the end ``finish(latent)`` → the update handed to the codec's ``encode``.
+
+    ``init()`` may return extra trainable tensors under names that are not model tensors (FedBAT's
+    learned step sizes), and ``finish()`` may return side values under names containing ``/`` that
+    only the matching codec's ``encode`` reads; the engine passes them through untouched.
+    """
+
+    names: tuple[str, ...] = ()
+    #: the latent tensors' learning rate is the client's lr times this; they get no weight decay
+    lr_scale: float = 1.0
+
+    def init(self) -> Update:
+        raise NotImplementedError
+
+    def deltas(self, latent: Update, progress: float) -> Update:
+        raise NotImplementedError
+
+    def finish(self, latent: Update) -> Update:
+        raise NotImplementedError
+
+
+def weighted_mean(spec: ModelSpec, updates: list[tuple[int, float, Update]]) -> dict[str, torch.Tensor]:
+    """Sum of ``weight / total * update`` in float64, accumulated in the given (client-id) order."""
+    total = sum(w for _, w, _ in updates)
+    out = {}
+    for t in spec.tensors:
+        acc = torch.zeros(t.shape, dtype=torch.float64)
+        for _, w, upd in updates:
+            acc += upd[t.name].to(torch.float64) * (w / total)
+        out[t.name] = acc
+    return out
+
+
+class Algorithm:
+    """Plain FedAvg; subclasses override what their method changes. ``options`` are the codec's."""
+
+    #: the server's step is "global += aggregate(...)" with an update-like aggregate (a server
+    #: optimizer may rescale or accumulate it); False where the aggregate only encodes a new model
+    #: that was computed directly (FedPM's Beta posterior), which such an optimizer must refuse
+    additive_step: ClassVar[bool] = True
+
+    def __init__(self, options: Options | None = None):
+        self.options = options if options is not None else Options()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.options!r})"
+
+    def parametrization(self, ctx: CodecContext, global_params: Update) -> Parametrization | None:
+        """Client side: how to train this round (None: the weights themselves)."""
+        return None
+
+    def init_global(self, params: Update, spec: ModelSpec) -> Update:
+        """The global model the run starts from, given the model's initial weights."""
+        return params
+
+    def aggregate(self, spec: ModelSpec, global_params: Update,
+                  updates: list[tuple[int, float, Update]]) -> dict[str, torch.Tensor]:
+        """The float64 step added to the global model, from decoded ``(client, weight, update)``
+        triples sorted by client id. Default: the weight-normalised mean."""
+        return weighted_mean(spec, updates)
+
+    def eval_params(self, params: Update, spec: ModelSpec, seed: int) -> Update:
+        """The weights to evaluate for global model ``params`` (FedPM samples a mask from them)."""
+        return params
+
+
+FedAvg = Algorithm
