@@ -11,11 +11,10 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Protocol, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from ..codecs import ModelSpec, Update, build_codec
 from ..config import Config
@@ -26,6 +25,7 @@ from .client import ClientRuntime, LocalTraining, client_fit
 from .downlink import Downlink
 from .ledger import Ledger
 from .server import RoundOutcome, server_round
+from .task import Classification
 
 
 @dataclass
@@ -41,19 +41,50 @@ class RunState:
     server_states: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)
 
 
+class TrainingData(Protocol):
+    """Where the clients' training examples are: client ``c`` trains on rows ``sim.parts[c]`` of
+    ``train_x`` (inputs) and ``train_y`` (targets). A :class:`~fedcodec.data.FederatedSource` is one."""
+
+    train_x: torch.Tensor
+    train_y: torch.Tensor
+
+
+@dataclass(frozen=True)
+class TrainingSet:
+    """Training inputs and targets, one row per example (see :func:`pooled`)."""
+
+    train_x: torch.Tensor
+    train_y: torch.Tensor
+
+
+def pooled(clients: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> tuple[TrainingSet, list[torch.Tensor]]:
+    """Data that comes already split by client ((inputs, targets) per client) as one training set
+    and each client's rows in it, the ``source`` and ``parts`` of a :class:`Simulation`."""
+    sizes = [len(x) for x, _ in clients]
+    starts = np.cumsum([0] + sizes)
+    data = TrainingSet(torch.cat([x for x, _ in clients]), torch.cat([y for _, y in clients]))
+    return data, [torch.arange(int(starts[c]), int(starts[c + 1])) for c in range(len(clients))]
+
+
 @dataclass
 class Simulation:
+    """A run's fixed parts: its config, the clients' training data, the client runtime (model,
+    codecs, task) and the local training settings. The task (``runtime.task``) evaluates."""
+
     cfg: Config
-    source: FederatedSource
+    source: TrainingData
     runtime: ClientRuntime
-    parts: list[np.ndarray]
+    parts: list[torch.Tensor]
     training: LocalTraining
-    #: the per-round evaluation (params, state) -> record entries; None: test accuracy and loss
-    evaluator: Callable[["Simulation", Update, RunState], dict[str, float]] | None = None
 
     @property
     def spec(self) -> ModelSpec:
         return self.runtime.spec
+
+    def client_data(self, client: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Client ``client``'s training inputs and targets."""
+        idx = self.parts[client]
+        return self.source.train_x[idx], self.source.train_y[idx]
 
 
 def setup(cfg: Config, source: FederatedSource) -> tuple[Simulation, RunState]:
@@ -66,7 +97,7 @@ def setup(cfg: Config, source: FederatedSource) -> tuple[Simulation, RunState]:
     initial = uplink.init_global({t.name: tensors[t.name].detach().clone() for t in spec.tensors}, spec)
     downlink = Downlink(build_codec(cfg.downlink, **cfg.downlink_options), cfg.downlink_delta, spec, cfg.seed,
                         initial)
-    rt = ClientRuntime(model, spec, uplink, downlink, cfg.seed)
+    rt = ClientRuntime(model, spec, uplink, downlink, cfg.seed, task=Classification(source.test_x, source.test_y))
     labels = source.train_y.numpy()
     kw = {"dirichlet": {"beta": cfg.beta, "min_size": cfg.min_client_size},
           "k-classes": {"k": cfg.classes_per_client}}.get(cfg.partition, {})
@@ -82,19 +113,13 @@ def local_training(cfg: Config) -> LocalTraining:
 
 
 @torch.no_grad()
-def evaluate(sim: Simulation, params: Update, batch_size: int = 1000) -> tuple[float, float]:
-    """Test accuracy and mean cross-entropy of ``params`` (as the uplink codec says to evaluate them)."""
+def evaluate_round(sim: Simulation, params: Update, state: RunState) -> dict[str, float]:
+    """One evaluation of the global model ``params``: the uplink codec says which weights to
+    evaluate (FedPM samples a mask), the task evaluates them (with each client's store at hand, for
+    tasks whose clients evaluate with their own local tensors). Returns the record entries."""
     rt = sim.runtime
-    rt.load(rt.uplink.eval_params(params, sim.spec, rngs.derive_seed(sim.cfg.seed, rngs.EVAL)))
-    rt.model.eval()
-    x, y = sim.source.test_x, sim.source.test_y
-    correct, loss = 0, 0.0
-    for start in range(0, len(x), batch_size):
-        out = rt.model(x[start:start + batch_size])
-        yb = y[start:start + batch_size]
-        loss += float(F.cross_entropy(out, yb, reduction="sum"))
-        correct += int((out.argmax(1) == yb).sum())
-    return correct / len(x), loss / len(x)
+    weights = rt.uplink.eval_params(params, sim.spec, rngs.derive_seed(sim.cfg.seed, rngs.EVAL))
+    return rt.task.evaluate(rt, weights, state.client_states)
 
 
 def run_round(sim: Simulation, state: RunState) -> RunState:
@@ -110,9 +135,9 @@ def run_round(sim: Simulation, state: RunState) -> RunState:
         state.ledger.record(rnd, c, "down", rt.downlink.codec.codec_id, down[c])
         if c in dropped:  # failed after receiving the model: nothing comes back
             continue
-        idx = sim.parts[c]
-        payload, info = client_fit(rt, down[c], sim.source.train_x[idx], sim.source.train_y[idx], sim.training, rnd,
-                                   c, state=state.client_states.setdefault(c, {}))
+        x, y = sim.client_data(c)
+        payload, info = client_fit(rt, down[c], x, y, sim.training, rnd, c,
+                                   state=state.client_states.setdefault(c, {}))
         if "setup" in info:  # sent before the payload, so a straggler's decoder still arrives
             state.ledger.record(rnd, c, "up", f"{rt.uplink.codec_id}/setup", info["setup"])
             setups[c] = info["setup"]
@@ -150,10 +175,7 @@ def finish_round(sim: Simulation, state: RunState, rnd: int, t0: float, sampled:
         record[key] = float(np.mean([m[key] for m in codec_metrics if key in m]))
     if rnd % cfg.eval_every == 0 or rnd == cfg.rounds:
         t1 = time.perf_counter()
-        if sim.evaluator is not None:
-            record.update(sim.evaluator(sim, new_params, state))
-        else:
-            record["accuracy"], record["test_loss"] = evaluate(sim, new_params)
+        record.update(evaluate_round(sim, new_params, state))
         record["eval_seconds"] = time.perf_counter() - t1
     state.records.append(record)
     state.global_params = new_params
