@@ -63,9 +63,8 @@ def main() -> None:
     print("|---:|---:|---:|---:|---:|")
     rows = []
     for c in clients:
-        idx = sim.parts[c]
-        payload, _ = client_fit(sim.runtime, down[c], source.train_x[idx], source.train_y[idx], sim.training,
-                                args.round, c, state={})
+        x, y = sim.client_data(c)
+        payload, _ = client_fit(sim.runtime, down[c], x, y, sim.training, args.round, c, state={})
         body = bytes(wire.unpack(payload, plain.codec_id, sim.spec.fingerprint))
         bits = np.unpackbits(np.frombuffer(body[fixed:fixed + (n + 7) // 8], np.uint8), count=n, bitorder="little")
         seed = int.from_bytes(body[:8], "little")

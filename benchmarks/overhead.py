@@ -30,7 +30,7 @@ def bare_round(sim, rnd: int) -> float:
     t0 = time.perf_counter()
     model.train()
     for c in clients:
-        x, y = sim.source.train_x[sim.parts[c]], sim.source.train_y[sim.parts[c]]
+        x, y = sim.client_data(c)
         opt = torch.optim.SGD(model.parameters(), lr=cfg.client_lr)
         shuffle = rngs.torch_generator(rngs.derive_seed(cfg.seed, rnd, rngs.CLIENT_TRAIN, c))
         for _ in range(cfg.local_epochs):

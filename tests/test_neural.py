@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import struct
 
 import numpy as np
@@ -9,8 +10,11 @@ import pytest
 import torch
 
 from fedcodec.cli import main
+from fedcodec.codecs import ModelSpec, wire
 from fedcodec.errors import ConfigError, PayloadError
+from fedcodec.fl import rng as rngs
 from fedcodec.fl import server as server_mod
+from fedcodec.fl.simulation import RunState
 from fedcodec.neural.codec import Coder, CodecFileError
 from fedcodec.neural.entropy import FactorizedPrior
 from fedcodec.neural.federated import (Settings, Trained, build_simulation, fit_prior, rd_point, train)
@@ -162,6 +166,103 @@ def test_personalized_prior_never_reaches_the_server(monkeypatch):
     # each client's entropy model lives in its own store and they differ
     priors = [state.client_states[c]["local/prior.biases.0"] for c in range(3)]
     assert not torch.equal(priors[0], priors[1])
+
+
+def test_round_evaluation_is_each_clients_own_codec_on_its_test_data():
+    """NTCTask.evaluate: the clients' mean rate estimate and MSE, each with its own entropy model."""
+    src = _tiny_source()
+    sim, state = build_simulation(src, "federated", 100.0, Settings(rounds=1, local_epochs=1, batch_size=16,
+                                                                    lr=1e-2))
+    from fedcodec.fl.simulation import evaluate_round, run_round
+
+    state = run_round(sim, state)
+    rates, mses = [], []
+    for c in range(src.num_clients):
+        m = build_ntc(src.model, 0).eval()
+        m.load_state_dict({**state.global_params, **sim.runtime.local_tensors(state.client_states[c])})
+        coder, x = Coder(m, None), src.test[c]
+        sym = coder.quantize(x)
+        rates.append(coder.estimate_bits(sym) / len(x))
+        mses.append(float(torch.mean((coder.reconstruct(sym) - x) ** 2)))
+    rec = state.records[-1]
+    assert rec["rate_est"] == pytest.approx(float(np.mean(rates)), rel=1e-12)
+    assert rec["mse"] == pytest.approx(float(np.mean(mses)), rel=1e-12)
+    assert rec["test_loss"] == pytest.approx(rec["rate_est"] + 100.0 * rec["mse"], rel=1e-12)
+    assert evaluate_round(sim, state.global_params, state) == {k: rec[k] for k in ("rate_est", "mse", "test_loss")}
+    # with every client on the initial entropy model instead, the rate is another
+    assert evaluate_round(sim, state.global_params, RunState(1, {}))["rate_est"] != rec["rate_est"]
+
+
+def _fedmrn_payload_bytes(spec) -> int:
+    """FedMRN's uplink: envelope, seed/mask/noise/alpha fields, packed mask bits, float32 dense values."""
+    masked, dense = spec.numel(("weight",)), spec.numel(("param", "buffer"))
+    return wire.envelope_overhead("fedmrn") + 8 + 1 + 1 + 4 + math.ceil(masked / 8) + 4 * dense
+
+
+def test_fedmrn_trains_the_shared_transforms_and_the_prior_stays_local(monkeypatch):
+    src = _tiny_source()
+    s = Settings(rounds=3, local_epochs=1, batch_size=16, lr=1e-2, method="fedmrn-binary", prior_lr_scale=1.0)
+    seen: list[tuple[int, int, dict]] = []
+    real = server_mod.server_round
+
+    def spy(uplink, spec, global_params, rnd, payloads, *a, **kw):
+        for client, (data, _) in payloads.items():
+            seen.append((rnd, client, uplink.decode(data, server_mod.CodecContext(spec, client=client, round=rnd,
+                                                                                  reference=global_params))))
+        return real(uplink, spec, global_params, rnd, payloads, *a, **kw)
+
+    monkeypatch.setattr("fedcodec.fl.simulation.server_round", spy)
+    from fedcodec.fl.simulation import evaluate_round, run_round
+
+    sim, state = build_simulation(src, "federated", 100.0, s)
+    initial = evaluate_round(sim, state.global_params, state)["test_loss"]
+    while state.round < s.rounds:
+        state = run_round(sim, state)
+    spec, codec = sim.spec, sim.runtime.uplink
+    # the masks cover the transforms' kernels; biases travel as float32; the prior not at all
+    assert (spec.numel(("weight",)), spec.numel(("param", "buffer"))) == (1120, 83)
+    prior = set(build_ntc(src.model, 0).prior_names())
+    assert prior and not prior & set(spec.names) and not prior & set(state.global_params)
+    ups = [e for e in state.ledger.entries if e.direction == "up"]
+    assert len(ups) == 9 and {e.codec for e in ups} == {"fedmrn"}
+    assert {e.nbytes for e in ups} == {_fedmrn_payload_bytes(spec)} == {514}
+    assert len(seen) == 9
+    for rnd, client, dec in seen:  # each decoded kernel is the client's seeded noise times a 0/1 mask
+        assert set(dec) == set(spec.names)
+        masked = spec.select(("weight",))
+        noise = codec.noise_tensors(rngs.derive_seed(s.seed, rnd, rngs.CLIENT_NOISE, client), masked)
+        bits = torch.cat([(dec[t.name] != 0).reshape(-1) for t in masked])
+        assert all(torch.equal(dec[t.name], noise[t.name] * (dec[t.name] != 0)) for t in masked)
+        assert 0.05 < float(bits.float().mean()) < 0.95
+    # each client's entropy model trained in its own store (with its Adam state), and they differ
+    init = sim.runtime.local_init
+    priors = [sim.runtime.local_tensors(state.client_states[c]) for c in range(3)]
+    assert all(any(not torch.equal(p[n], init[n]) for n in init) for p in priors)
+    assert not torch.equal(priors[0]["prior.biases.0"], priors[1]["prior.biases.0"])
+    assert any(k.startswith("optim/prior.") for k in state.client_states[0])
+    assert not any(k.startswith(f"optim/{t.name}/") for t in spec.select(("weight",)) for k in state.client_states[0])
+    # rate + λ·MSE on the clients' test data falls, and not only through the entropy models:
+    assert state.records[-1]["test_loss"] < 0.85 * initial
+    frozen = train(src, "federated", 100.0, Settings(**{**s.__dict__, "prior_lr_scale": 0.0}), progress=False)
+    assert all(torch.equal(loc[n], init[n]) for loc in frozen.local for n in init)
+    assert frozen.records[-1]["test_loss"] < 0.85 * initial
+
+
+def test_cli_trains_with_fedmrn(tmp_path, capsys):
+    import json
+
+    out = tmp_path / "mrn"
+    assert main(["neural", "train", "--source", "synthetic", "--method", "fedmrn-binary", "--modes", "federated",
+                 "--lambdas", "100", "--rounds", "1", "--local-epochs", "1", "--batch-size", "50", "--threads", "1",
+                 "--no-progress", "--out", str(out)]) == 0
+    result = json.loads((out / "results.json").read_text())
+    assert result["settings"]["method"] == "fedmrn-binary"
+    point = result["curves"]["100"]["federated"]
+    model = build_ntc(synthetic_source().model, 0)
+    spec = ModelSpec.from_model(model, local=set(model.prior_names()))
+    assert (spec.numel(("weight",)), spec.numel(("param", "buffer"))) == (10752, 276)
+    assert point["uplink_payloads"] == 10 and point["uplink_bytes"] == 10 * _fedmrn_payload_bytes(spec) == 24900
+    assert point["bytes"] > 0 and "| federated | 100 |" in capsys.readouterr().out
 
 
 def test_modes_and_determinism():

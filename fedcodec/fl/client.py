@@ -8,10 +8,9 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, replace
-from typing import Iterator, Protocol
+from typing import Iterator
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
@@ -19,6 +18,7 @@ from ..codecs import CodecContext, ModelSpec, Parametrization, Prepass, Update, 
 from ..errors import ConfigError
 from .downlink import Downlink
 from . import rng as rngs
+from .task import Classification, Task, TaskLoss
 
 
 @dataclass(frozen=True)
@@ -30,24 +30,9 @@ class LocalTraining:
     weight_decay: float = 0.0
     optimizer: str = "sgd"  # "sgd" or "adam"
     #: keep the optimizer's state (Adam's moments, SGD's momentum buffer) in the client's store from
-    #: one round to the next instead of starting it afresh (plain training only; never sent)
+    #: one round to the next instead of starting it afresh (never sent). Under a codec's
+    #: parametrization only the tensors trained directly keep theirs; the codec's latents start afresh
     keep_state: bool = False
-
-
-class Task(Protocol):
-    """What local training minimises. A task may also carry ``lr_scales`` ({parameter-name prefix:
-    learning-rate multiplier}) for parameters that should train faster or slower than the rest."""
-
-    def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, gen: torch.Generator) -> torch.Tensor: ...
-
-
-class Classification:
-    """The default task: cross-entropy of the model's logits. A task supplies the loss that local
-    training minimises; ``gen`` is the round's training generator, for tasks that draw noise
-    (learned compression's additive uniform noise)."""
-
-    def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-        return F.cross_entropy(model(x), y)
 
 
 LOCAL = "local/"  # client-store key prefix of a client's personalized tensors
@@ -184,8 +169,9 @@ def local_train(rt: ClientRuntime, global_params: Update, x: torch.Tensor, y: to
                 loss = rt.task.loss(model, xb, yb, shuffle)
             else:
                 deltas = param.deltas(latent, (step + 1) / total)
-                out = functional_call(model, {n: global_params[n] + d for n, d in deltas.items()}, (xb,))
-                loss = F.cross_entropy(out, yb)
+                loss = functional_call(TaskLoss(rt.task, model),
+                                       {f"model.{n}": global_params[n] + d for n, d in deltas.items()},
+                                       (xb, yb, shuffle))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -258,13 +244,7 @@ def client_fit(rt: ClientRuntime, broadcast: bytes, x: torch.Tensor, y: torch.Te
         rt.load_local(state)  # the pre-pass trains them too; its result is discarded
         info["setup"] = rt.uplink.setup.fit(prepass(rt, global_params, x, y, cfg, plan, gen), ctx)
     param = rt.uplink.algorithm.parametrization(ctx, global_params)
-    if param is not None and rt.local:
-        raise ConfigError(f"codec {rt.uplink.codec_id!r} changes how clients train; it cannot be combined "
-                          "with client-local tensors")
     shuffle = rngs.torch_generator(rngs.derive_seed(rt.run_seed, rnd, rngs.CLIENT_TRAIN, client))
-    if cfg.keep_state and param is not None:
-        raise ConfigError(f"codec {rt.uplink.codec_id!r} changes how clients train; it cannot keep the optimizer "
-                          "state between rounds (set keep_optimizer_state=false)")
     if cfg.keep_state and state is None:
         raise ConfigError("keeping the optimizer state between rounds needs the client's store "
                           "(client_fit(..., state=...))")

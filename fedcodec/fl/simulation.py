@@ -10,11 +10,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Callable
+from typing import Protocol, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from ..codecs import ModelSpec, Update, build_codec, build_uplink
 from ..config import Config
@@ -26,6 +25,7 @@ from .client import ClientRuntime, LocalTraining
 from .downlink import Downlink
 from .ledger import Ledger
 from .server_opt import ServerOptimizer, ServerOptimizerConfig
+from .task import Classification
 
 
 @dataclass
@@ -43,15 +43,41 @@ class RunState:
     optimizer_state: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
+class TrainingData(Protocol):
+    """Where the clients' training examples are: client ``c`` trains on rows ``sim.parts[c]`` of
+    ``train_x`` (inputs) and ``train_y`` (targets). A :class:`~fedcodec.data.FederatedSource` is one."""
+
+    train_x: torch.Tensor
+    train_y: torch.Tensor
+
+
+@dataclass(frozen=True)
+class TrainingSet:
+    """Training inputs and targets, one row per example (see :func:`pooled`)."""
+
+    train_x: torch.Tensor
+    train_y: torch.Tensor
+
+
+def pooled(clients: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> tuple[TrainingSet, list[torch.Tensor]]:
+    """Data that comes already split by client ((inputs, targets) per client) as one training set
+    and each client's rows in it, the ``source`` and ``parts`` of a :class:`Simulation`."""
+    sizes = [len(x) for x, _ in clients]
+    starts = np.cumsum([0] + sizes)
+    data = TrainingSet(torch.cat([x for x, _ in clients]), torch.cat([y for _, y in clients]))
+    return data, [torch.arange(int(starts[c]), int(starts[c + 1])) for c in range(len(clients))]
+
+
 @dataclass
 class Simulation:
+    """A run's fixed parts: its config, the clients' training data, the client runtime (model,
+    codecs, task) and the local training settings. The task (``runtime.task``) evaluates."""
+
     cfg: Config
-    source: FederatedSource
+    source: TrainingData
     runtime: ClientRuntime
-    parts: list[np.ndarray]
+    parts: list[torch.Tensor]
     training: LocalTraining
-    #: the per-round evaluation (params, state) -> record entries; None: test accuracy and loss
-    evaluator: Callable[["Simulation", Update, RunState], dict[str, float]] | None = None
 
     @property
     def spec(self) -> ModelSpec:
@@ -73,11 +99,13 @@ class Simulation:
         return len(self.parts[client])
 
     def evaluate_round(self, params: Update, state: "RunState") -> dict[str, float]:
-        """The record entries of a round's evaluation of the global model ``params``."""
-        if self.evaluator is not None:
-            return self.evaluator(self, params, state)
-        accuracy, loss = evaluate(self, params)
-        return {"accuracy": accuracy, "test_loss": loss}
+        """One evaluation of the global model ``params``: the uplink's algorithm says which weights
+        to evaluate (FedPM samples a mask), the task evaluates them (with each client's store at
+        hand, for tasks whose clients evaluate with their own local tensors). Returns the record
+        entries."""
+        rt = self.runtime
+        weights = rt.uplink.algorithm.eval_params(params, self.spec, rngs.derive_seed(self.cfg.seed, rngs.EVAL))
+        return rt.task.evaluate(rt, weights, state.client_states)
 
 
 def setup(cfg: Config, source: FederatedSource) -> tuple[Simulation, RunState]:
@@ -90,7 +118,7 @@ def setup(cfg: Config, source: FederatedSource) -> tuple[Simulation, RunState]:
     initial = uplink.algorithm.init_global({t.name: tensors[t.name].detach().clone() for t in spec.tensors}, spec)
     downlink = Downlink(build_codec(cfg.downlink, **cfg.downlink_options), cfg.downlink_delta, spec, cfg.seed,
                         initial)
-    rt = ClientRuntime(model, spec, uplink, downlink, cfg.seed)
+    rt = ClientRuntime(model, spec, uplink, downlink, cfg.seed, task=Classification(source.test_x, source.test_y))
     labels = source.train_y.numpy()
     kw = {"dirichlet": {"beta": cfg.beta, "min_size": cfg.min_client_size},
           "k-classes": {"k": cfg.classes_per_client}}.get(cfg.partition, {})
@@ -103,22 +131,6 @@ def setup(cfg: Config, source: FederatedSource) -> tuple[Simulation, RunState]:
 def local_training(cfg: Config) -> LocalTraining:
     return LocalTraining(cfg.local_epochs, cfg.batch_size, cfg.client_lr, cfg.momentum, cfg.weight_decay,
                          cfg.optimizer, cfg.keep_optimizer_state)
-
-
-@torch.no_grad()
-def evaluate(sim: Simulation, params: Update, batch_size: int = 1000) -> tuple[float, float]:
-    """Test accuracy and mean cross-entropy of ``params`` (as the uplink's algorithm says to evaluate them)."""
-    rt = sim.runtime
-    rt.load(rt.uplink.algorithm.eval_params(params, sim.spec, rngs.derive_seed(sim.cfg.seed, rngs.EVAL)))
-    rt.model.eval()
-    x, y = sim.source.test_x, sim.source.test_y
-    correct, loss = 0, 0.0
-    for start in range(0, len(x), batch_size):
-        out = rt.model(x[start:start + batch_size])
-        yb = y[start:start + batch_size]
-        loss += float(F.cross_entropy(out, yb, reduction="sum"))
-        correct += int((out.argmax(1) == yb).sum())
-    return correct / len(x), loss / len(x)
 
 
 def run_round(sim: Simulation, state: RunState) -> RunState:

@@ -39,7 +39,10 @@ def add_parser(sub) -> None:
                    help="the entropy model's learning rate as a multiple of --lr (default: the source's; 10 for "
                         "images, whose small CDF networks learn slowly at the transforms' rate, 1 for vectors)")
     t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--method", default="fedavg", help="update codec of the shared transforms (any fedcodec method)")
+    t.add_argument("--method", default="fedavg",
+                   help="how the shared transforms' updates travel: any fedcodec method, e.g. fedmrn-binary "
+                        "(masks over seeded noise trained on g_a/g_s; the entropy models train as usual and stay "
+                        "local); training uses --lr, not the method's own learning rate")
     t.add_argument("--data-dir", help="Fashion-MNIST directory, or a folder of images for --source photos")
     t.add_argument("--out", help="output folder (default runs/neural/<source>)")
     t.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")

@@ -5,8 +5,9 @@ client and server functions as classification runs), differing only in which ten
 client-local:
 
 - ``federated`` (the paper's method): ``g_a``/``g_s`` are averaged (their updates go through any
-  update codec, fp32 by default), the entropy model ``prior.*`` is personalized and never leaves
-  its client;
+  update codec, fp32 by default; a codec that changes how clients train, such as FedMRN's masks
+  over noise, applies to them alone), the entropy model ``prior.*`` is personalized, trains
+  directly and never leaves its client;
 - ``global``: everything averaged, one codec for all;
 - ``local``: everything client-local: each client trains its own codec alone with the same local
   steps (its uplink carries no tensor at all).
@@ -29,12 +30,11 @@ from tqdm import tqdm
 
 from ..codecs import ModelSpec, Update, build_codec, build_uplink
 from ..config import Config
-from ..data import FederatedSource
 from ..errors import ConfigError
 from ..fl import rng as rngs
 from ..fl.client import ClientRuntime, batches
 from ..fl.downlink import Downlink
-from ..fl.simulation import RunState, Simulation, local_training, run_round
+from ..fl.simulation import RunState, Simulation, local_training, pooled, run_round
 from .codec import Coder
 from .models import NTC, NTCConfig, NTCTask, build_ntc
 from .sources import NeuralSource
@@ -49,7 +49,7 @@ class Settings:
     batch_size: int = 32
     lr: float = 2e-3
     seed: int = 0
-    method: str = "fedavg"  # update codec of the shared transforms (any fedcodec method)
+    method: str = "fedavg"  # update codec of the shared transforms (any fedcodec method; lr is ``lr``, not its own)
     codec_options: dict = field(default_factory=dict)
     finetune_epochs: int = 5  # entropy-model fits (global-ft, newcomers)
     keep_optimizer_state: bool = True  # each client's Adam moments carry over between rounds
@@ -137,48 +137,28 @@ class Trained:
 
 
 def build_simulation(src: NeuralSource, mode: str, lmbda: float, s: Settings) -> tuple[Simulation, RunState]:
+    """The engine's simulation of training ``mode`` at ``lmbda``: every client in every round, the
+    shared tensors through ``s.method``'s uplink codec, a float32 broadcast, and the compression
+    task (:class:`NTCTask`) evaluating on each client's test data with its own local tensors."""
     model = build_ntc(src.model, s.seed)
     local = local_names(model, mode)
     spec = ModelSpec.from_model(model, local=local)
     k = src.num_clients
     cfg = Config(seed=s.seed, rounds=s.rounds, num_clients=k, clients_per_round=k, local_epochs=s.local_epochs,
-                 batch_size=s.batch_size, lr=s.lr, optimizer="adam",
-                 keep_optimizer_state=s.keep_optimizer_state, method=s.method,
-                 codec_options=dict(s.codec_options), eval_every=s.rounds, checkpoint_every=s.rounds).validate()
+                 batch_size=s.batch_size, lr=s.lr, optimizer="adam", keep_optimizer_state=s.keep_optimizer_state,
+                 method=s.method, codec_options=dict(s.codec_options), eval_every=s.rounds).validate()
     uplink = build_uplink(cfg.method_spec().codec, **cfg.uplink_options)
     tensors = dict(model.named_parameters()) | dict(model.named_buffers())
     initial = uplink.algorithm.init_global({t.name: tensors[t.name].detach().clone() for t in spec.tensors}, spec)
-    downlink = Downlink(build_codec("fp32"), False, spec, s.seed, initial)
-    rt = ClientRuntime(model, spec, uplink, downlink, s.seed, task=NTCTask(lmbda, s.prior_lr_scale), local=local)
-    x = torch.cat(src.train)
-    owners = torch.cat([torch.full((len(t),), c, dtype=torch.int64) for c, t in enumerate(src.train)])
-    fsrc = FederatedSource(src.name, x, owners, x[:1], owners[:1], k, tuple(x.shape[1:]))
-    starts = np.cumsum([0] + [len(t) for t in src.train])
-    parts = [torch.arange(starts[c], starts[c + 1]) for c in range(k)]
-    sim = Simulation(cfg, fsrc, rt, parts, local_training(cfg),
-                     evaluator=lambda sim, params, state: estimate(src, mode, lmbda, params, state, sim))
-    return sim, RunState(0, dict(initial))
+    downlink = Downlink(build_codec(cfg.downlink, **cfg.downlink_options), cfg.downlink_delta, spec, s.seed, initial)
+    task = NTCTask(lmbda, s.prior_lr_scale, test=src.test)
+    rt = ClientRuntime(model, spec, uplink, downlink, s.seed, task=task, local=local)
+    data, parts = pooled([(x, x) for x in src.train])  # a compressor's target is its input
+    return Simulation(cfg, data, rt, parts, local_training(cfg)), RunState(0, dict(initial))
 
 
 def client_tensors(sim: Simulation, state: RunState, client: int) -> Update:
     return {n: v.clone() for n, v in sim.runtime.local_tensors(state.client_states.get(client, {})).items()}
-
-
-@torch.no_grad()
-def estimate(src: NeuralSource, mode: str, lmbda: float, params: Update, state: RunState, sim: Simulation) -> dict:
-    """Per-round evaluation: the clients' mean rate estimate (−log2 p of rounded latents) and MSE
-    on their test data (no coding; the final evaluation codes real bytes)."""
-    m = build_ntc(src.model, 0).eval()
-    rates, mses = [], []
-    for c in range(src.num_clients):
-        m.load_state_dict({**params, **client_tensors(sim, state, c)})
-        coder = Coder(m, None)  # estimates need no tables
-        x = src.test[c]
-        sym = coder.quantize(x)
-        rates.append(coder.estimate_bits(sym) / (len(x) * m.pixels(x)))
-        mses.append(float(torch.mean((coder.reconstruct(sym) - x) ** 2)))
-    rate, mse = float(np.mean(rates)), float(np.mean(mses))
-    return {"rate_est": rate, "mse": mse, "test_loss": rate + lmbda * mse}
 
 
 def train(src: NeuralSource, mode: str, lmbda: float, s: Settings, progress: bool = True) -> Trained:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import math
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -17,6 +18,10 @@ from torch import nn
 
 from ..errors import ConfigError
 from .entropy import FactorizedPrior
+
+if TYPE_CHECKING:
+    from ..codecs import Update
+    from ..fl.client import ClientRuntime
 
 PRIOR_PREFIX = "prior."
 
@@ -125,15 +130,41 @@ class NTC(nn.Module):
 
 class NTCTask:
     """The engine's task for learned compression: loss = rate + λ·MSE with uniform noise drawn from
-    the round's training generator (labels are ignored); the entropy model may train at
-    ``prior_lr_scale`` times the learning rate."""
+    the round's training generator (a compressor's target is its input, so the targets ``y`` are
+    not read); the entropy model may train at ``prior_lr_scale`` times the learning rate.
 
-    def __init__(self, lmbda: float, prior_lr_scale: float = 1.0):
+    Evaluation is personalised: each client codes its own test set ``test[c]`` with the shared
+    tensors and its own client-local ones (its entropy model), and the record holds the clients'
+    mean rate estimate ``rate_est`` (−log2 p of the rounded latents, per pixel or vector; no bytes
+    are coded), mean ``mse`` and ``test_loss`` = rate_est + λ·mse."""
+
+    def __init__(self, lmbda: float, prior_lr_scale: float = 1.0, test: Sequence[torch.Tensor] = ()):
         self.lmbda = lmbda
         self.lr_scales = {PRIOR_PREFIX: prior_lr_scale}
+        self.test = list(test)
 
     def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         return model.rd(x, self.lmbda, gen)["loss"]
+
+    @torch.no_grad()
+    def evaluate(self, rt: ClientRuntime, params: Update,
+                 stores: Mapping[int, Mapping[str, torch.Tensor]]) -> dict[str, float]:
+        from .codec import Coder
+
+        if not self.test:
+            raise ConfigError("this compression task has no test data to evaluate on; "
+                              "give it each client's: NTCTask(lmbda, test=[...])")
+        model = rt.model.eval()
+        rt.load(params)
+        rates, mses = [], []
+        for c, x in enumerate(self.test):
+            rt.load(rt.local_tensors(stores.get(c, {})))
+            coder = Coder(model, None)  # estimates need no tables
+            sym = coder.quantize(x)
+            rates.append(coder.estimate_bits(sym) / (len(x) * model.pixels(x)))
+            mses.append(float(torch.mean((coder.reconstruct(sym) - x) ** 2)))
+        rate, mse = float(np.mean(rates)), float(np.mean(mses))
+        return {"rate_est": rate, "mse": mse, "test_loss": rate + self.lmbda * mse}
 
 
 def build_ntc(cfg: NTCConfig, seed: int) -> NTC:

@@ -1,0 +1,91 @@
+"""Tasks: what a federated run trains for and how its global model is judged.
+
+The engine knows nothing of labels, accuracies or rates. A task gives local training its loss
+(under every algorithm, plain SGD/Adam or a codec's reparametrized training) and gives the engine
+its per-round evaluation. :class:`Classification` is the default; learned compression brings its
+own (:class:`fedcodec.neural.models.NTCTask`).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Mapping, Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import ConfigError
+
+if TYPE_CHECKING:
+    from ..codecs import Update
+    from .client import ClientRuntime
+
+
+class Task(Protocol):
+    """What local training minimises and how a round's global model is evaluated.
+
+    A task may also carry ``lr_scales`` ({parameter-name prefix: learning-rate multiplier}) for
+    parameters that should train faster or slower than the rest (see :func:`~fedcodec.fl.client.param_groups`).
+    """
+
+    def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        """The loss of ``model`` on a batch: inputs ``x``, targets ``y``. ``gen`` is the round's
+        training generator, for tasks that draw noise (learned compression's additive uniform noise).
+        Under a codec's parametrization ``model`` is called with substituted weights, so the loss
+        must reach them through ``model``'s own submodules (as any ``model(...)`` call does)."""
+        ...
+
+    def evaluate(self, rt: ClientRuntime, params: Update,
+                 stores: Mapping[int, Mapping[str, torch.Tensor]]) -> dict[str, float]:
+        """The record entries of one evaluation of the global tensors ``params`` (what the uplink
+        codec says to evaluate), on ``rt.model``. ``stores`` are the clients' stores, for tasks whose
+        clients evaluate with their own client-local tensors (``rt.local_tensors(store)``)."""
+        ...
+
+
+class Classification:
+    """Cross-entropy of the model's logits; evaluated by accuracy and mean cross-entropy on the test
+    set ``(test_x, test_y)`` in batches of ``batch_size``. A task without a test set trains but
+    cannot evaluate."""
+
+    def __init__(self, test_x: torch.Tensor | None = None, test_y: torch.Tensor | None = None,
+                 batch_size: int = 1000):
+        if (test_x is None) != (test_y is None) or (test_x is not None and len(test_x) != len(test_y)):
+            raise ConfigError("a classification test set needs inputs and labels of the same length")
+        self.test_x, self.test_y, self.batch_size = test_x, test_y, batch_size
+
+    def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        return F.cross_entropy(model(x), y)
+
+    @torch.no_grad()
+    def evaluate(self, rt: ClientRuntime, params: Update,
+                 stores: Mapping[int, Mapping[str, torch.Tensor]]) -> dict[str, float]:
+        """Test ``accuracy`` and mean cross-entropy ``test_loss`` of ``params``."""
+        if self.test_x is None or self.test_y is None:
+            raise ConfigError("this classification task has no test set to evaluate on; "
+                              "give it one: Classification(test_x, test_y)")
+        rt.load(params)
+        rt.model.eval()
+        x, y, size = self.test_x, self.test_y, self.batch_size
+        correct, loss = 0, 0.0
+        for start in range(0, len(x), size):
+            out = rt.model(x[start:start + size])
+            yb = y[start:start + size]
+            loss += float(F.cross_entropy(out, yb, reduction="sum"))
+            correct += int((out.argmax(1) == yb).sum())
+        return {"accuracy": correct / len(x), "test_loss": loss / len(x)}
+
+
+class TaskLoss(nn.Module):
+    """``task.loss`` of ``model`` as a module of its own, so that
+    :func:`torch.func.functional_call` on it (with names ``"model." + name``) substitutes weights
+    for every call the loss makes into ``model``: a codec's reparametrized training then minimises
+    the task's loss, whatever the task."""
+
+    def __init__(self, task: Task, model: nn.Module):
+        super().__init__()
+        self.task = task
+        self.model = model
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        return self.task.loss(self.model, x, y, gen)
