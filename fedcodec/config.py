@@ -299,6 +299,22 @@ for _k in (4, 16, 64):
                                     f"ae-{_k} with error feedback")
 
 
+def import_plugins(names: str) -> None:
+    """Import the modules named in ``names`` (space- or comma-separated), which register codecs
+    (:func:`fedcodec.codecs.register`) and methods (:data:`METHODS`) as they load. A module is
+    imported once per process, like any import."""
+    import importlib
+
+    if not isinstance(names, str):
+        raise ConfigError(f"plugins expects module names as text, got {names!r}")
+    for name in names.replace(",", " ").split():
+        try:
+            importlib.import_module(name)
+        except ImportError as err:
+            raise ConfigError(f"plugin module {name!r} cannot be imported ({err}); put its folder on PYTHONPATH "
+                              "(on Flower: on every SuperLink and SuperNode machine)") from None
+
+
 @dataclass
 class Config:
     """One experiment. Each field's :func:`setting` is its documentation: ``fedcodec run --help``
@@ -358,6 +374,8 @@ class Config:
     server_beta2: float = setting(0.99, "beta2 of adam and yogi, in [0, 1)")
     server_tau: float = setting(1e-3, "adaptivity tau > 0 of adam and yogi")
     server_initial_v: float | None = setting(None, "adam, yogi: v >= 0 before the first round (none: server_tau**2)")
+    plugins: str = setting("", "Python modules imported before the run is built, space- or comma-separated: "
+                           "they register codecs and methods (example: examples/ternary_codec.py)")
     # evaluation and output
     eval_every: int = setting(1, "rounds between evaluations of the global model", at_least=1)
     out_dir: str = setting("runs", "output root directory", flag="--out")
@@ -380,6 +398,7 @@ class Config:
     def validate(self) -> "Config":
         """Fail fast, before any data is loaded, with a message that says how to fix it: every field
         against its key (type, choices, range), then the rules that tie fields together."""
+        import_plugins(self.plugins)
         self.method_spec()
         for key in CONFIG_KEYS.values():
             key.check(getattr(self, key.name))

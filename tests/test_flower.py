@@ -49,7 +49,7 @@ def flower_run(tmp_path, cfg: Config, during=None, insecure=True, simulation=Fal
     Returns (RunResult, output dir, federation)."""
     out = tmp_path / "out"
     keys = ("method", "dataset", "num_clients", "clients_per_round", "min_clients",
-            "rounds", "local_epochs", "batch_size", "seed", "threads", "dropout", "stragglers")
+            "rounds", "local_epochs", "batch_size", "seed", "threads", "dropout", "stragglers", "plugins")
     items = run_config_items({k: getattr(cfg, k) for k in keys} | {"out_dir": str(out), "node_wait": 60.0}
                              | flower)
     fed = LocalFederation(cfg.num_clients, workdir=tmp_path / "flwr", insecure=insecure, simulation=simulation)
@@ -378,3 +378,31 @@ def test_resume_refuses_runs_whose_clients_keep_state(tmp_path, method, kept):
     sim, state = simulation.setup(stateless, load_dataset("synthetic"))
     checkpoint.save(tmp_path / "checkpoint.safetensors", stateless.to_dict(), state)
     assert resume_state(sim, stateless, tmp_path).round == 0
+
+
+def test_a_new_codec_from_one_file_runs_on_both_transports(tmp_path, monkeypatch):
+    """examples/ternary_codec.py is a codec written as encode/decode only, loaded as a plugin: with
+    error feedback and the entropy stage it runs on SuperNodes and in-process with the same model
+    and the same ledger, and no engine code knows it."""
+    import os
+    from pathlib import Path
+
+    from fedcodec.codecs import registry
+
+    examples = str(Path(__file__).resolve().parents[1] / "examples")
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [examples, os.environ.get("PYTHONPATH")])))
+    monkeypatch.syspath_prepend(examples)
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))  # registered for this test only
+    monkeypatch.setattr("fedcodec.config.METHODS", dict(__import__("fedcodec.config").config.METHODS))
+    monkeypatch.delitem(sys.modules, "ternary_codec", raising=False)
+    try:
+        cfg = make_config(method="ternary-ef-ec", plugins="ternary_codec", rounds=2, clients_per_round=2)
+        _, out, _ = flower_run(tmp_path, cfg, plugins="ternary_codec")
+        metrics, events, model, ledger = load_outputs(out)
+        _, state, _ = reference(cfg, monkeypatch)
+    finally:
+        sys.modules.pop("ternary_codec", None)
+    assert {codec for _, _, d, codec, _ in ledger if d == "up"} == {"ternary+ec"}
+    assert ledger == entries(state)
+    assert comparable(metrics["rounds"]) == comparable(state.records)
+    assert_same_model(model, state.global_params)
