@@ -34,8 +34,8 @@ def main() -> None:
         s = Settings.for_source(src)
         for mode in args.modes.split(","):
             t0 = time.perf_counter()
-            tr = train(src, mode, args.lmbda, s, progress=False)
-            p = mean_point([rd_point(tr.model(c), src.test[c]) for c in range(src.num_clients)])
+            trained = train(src, mode, args.lmbda, s, progress=False)
+            p = mean_point([rd_point(trained.model(c), src.test[c]) for c in range(src.num_clients)])
             print(f"| {n} | {mode} | {p['rate']:.3f} | {p['psnr']:.2f} | {time.perf_counter() - t0:.0f} |", flush=True)
 
 

@@ -24,15 +24,15 @@ from fedcodec.fl.client import batches
 from fedcodec.fl.simulation import run_round, setup
 
 
-def bare_round(sim, rnd: int) -> float:
+def bare_round(sim, round_num: int) -> float:
     cfg, model = sim.cfg, sim.runtime.model
-    clients = rngs.sample_clients(cfg.seed, rnd, cfg.num_clients, cfg.clients_per_round)
+    clients = rngs.sample_clients(cfg.seed, round_num, cfg.num_clients, cfg.clients_per_round)
     t0 = time.perf_counter()
     model.train()
     for c in clients:
         x, y = sim.client_data(c)
         opt = torch.optim.SGD(model.parameters(), lr=cfg.client_lr)
-        shuffle = rngs.torch_generator(rngs.derive_seed(cfg.seed, rnd, rngs.CLIENT_TRAIN, c))
+        shuffle = rngs.torch_generator(rngs.derive_seed(cfg.seed, round_num, rngs.CLIENT_TRAIN, c))
         for _ in range(cfg.local_epochs):
             for idx in batches(len(x), cfg.batch_size, shuffle):
                 loss = F.cross_entropy(model(x[idx]), y[idx])

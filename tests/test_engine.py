@@ -12,7 +12,7 @@ from fedcodec.data import make_synthetic_images
 from fedcodec.data.fashion_mnist import FILES
 from fedcodec.data.idx import write_idx
 from fedcodec.errors import ConfigError
-from fedcodec.fl import loop, simulation
+from fedcodec.fl import loop
 from fedcodec.fl.server import aggregate, server_round
 from fedcodec.fl.simulation import run_round, setup
 

@@ -134,7 +134,7 @@ def param_groups(params: dict[str, nn.Parameter], lr_scales: dict[str, float], l
     return [{"params": ps, "lr": lr * scale} for scale, ps in by_scale.items()]
 
 
-def local_train(rt: ClientRuntime, global_params: Update, x: torch.Tensor, y: torch.Tensor,
+def local_train(runtime: ClientRuntime, global_params: Update, x: torch.Tensor, y: torch.Tensor,
                 cfg: LocalTraining, param: Parametrization | None, shuffle: torch.Generator,
                 snapshots: list[Update] | None = None, snapshot_steps: frozenset[int] = frozenset(),
                 store: dict[str, torch.Tensor] | None = None) -> tuple[Update, float]:
@@ -142,13 +142,13 @@ def local_train(rt: ClientRuntime, global_params: Update, x: torch.Tensor, y: to
     After each step whose number (1-based) is in ``snapshot_steps``, the update so far is appended
     to ``snapshots`` (a codec's pre-pass; plain training only). With ``cfg.keep_state`` the optimizer
     starts from the state kept in ``store`` and leaves its new state there."""
-    rt.load(global_params)
-    model = rt.model
+    runtime.load(global_params)
+    model = runtime.model
     model.train()
     latent = param.init() if param is not None else {}
     frozen = set(latent)
     trainable = {n: p for n, p in model.named_parameters() if n not in frozen}
-    groups = param_groups(trainable, getattr(rt.task, "lr_scales", None) or {}, cfg.lr)
+    groups = param_groups(trainable, getattr(runtime.task, "lr_scales", None) or {}, cfg.lr)
     if latent:  # a parametrization's latents: their own lr scale, no weight decay (it would pull
         # FedBAT's log step sizes and FedPM's scores toward arbitrary values)
         groups.append({"params": list(latent.values()), "lr": cfg.lr * param.lr_scale, "weight_decay": 0.0})
@@ -166,10 +166,10 @@ def local_train(rt: ClientRuntime, global_params: Update, x: torch.Tensor, y: to
         for idx in batches(len(x), cfg.batch_size, shuffle):
             xb, yb = x[idx], y[idx]
             if param is None:
-                loss = rt.task.loss(model, xb, yb, shuffle)
+                loss = runtime.task.loss(model, xb, yb, shuffle)
             else:
                 deltas = param.deltas(latent, (step + 1) / total)
-                loss = functional_call(TaskLoss(rt.task, model),
+                loss = functional_call(TaskLoss(runtime.task, model),
                                        {f"model.{n}": global_params[n] + d for n, d in deltas.items()},
                                        (xb, yb, shuffle))
             opt.zero_grad(set_to_none=True)
@@ -180,20 +180,20 @@ def local_train(rt: ClientRuntime, global_params: Update, x: torch.Tensor, y: to
             step += 1
             if step in snapshot_steps and snapshots is not None:
                 with torch.no_grad():
-                    snapshots.append({t.name: rt.tensors[t.name].detach() - global_params[t.name]
-                                      for t in rt.spec.tensors})
+                    snapshots.append({t.name: runtime.tensors[t.name].detach() - global_params[t.name]
+                                      for t in runtime.spec.tensors})
         last_loss = loss_sum / max(count, 1)
     if keep:
         keep_optimizer(opt, trainable, store)
     update: Update = param.finish(latent) if param is not None else {}
     with torch.no_grad():
-        for t in rt.spec.tensors:
+        for t in runtime.spec.tensors:
             if t.name not in frozen:
-                update[t.name] = rt.tensors[t.name].detach() - global_params[t.name]
+                update[t.name] = runtime.tensors[t.name].detach() - global_params[t.name]
     return update, last_loss
 
 
-def prepass(rt: ClientRuntime, global_params: Update, x: torch.Tensor, y: torch.Tensor, cfg: LocalTraining,
+def prepass(runtime: ClientRuntime, global_params: Update, x: torch.Tensor, y: torch.Tensor, cfg: LocalTraining,
             plan: Prepass, shuffle: torch.Generator) -> list[Update]:
     """A codec's pre-pass: plain local training from ``global_params`` for ``plan.epochs`` epochs
     (None: ``cfg.epochs``), recording the update ``plan.snapshots`` times at evenly spaced steps
@@ -203,19 +203,19 @@ def prepass(rt: ClientRuntime, global_params: Update, x: torch.Tensor, y: torch.
     count = min(plan.snapshots, total)
     at = frozenset(round(total * (i + 1) / count) for i in range(count)) if count else frozenset()
     snaps: list[Update] = []
-    local_train(rt, global_params, x, y, replace(cfg, epochs=epochs), None, shuffle, snaps, at)
+    local_train(runtime, global_params, x, y, replace(cfg, epochs=epochs), None, shuffle, snaps, at)
     return snaps
 
 
-def client_receive(rt: ClientRuntime, broadcast: bytes, rnd: int, client: int,
+def client_receive(runtime: ClientRuntime, broadcast: bytes, round_num: int, client: int,
                    state: dict[str, torch.Tensor] | None = None) -> Update:
     """A client takes in the round's broadcast and nothing more (it fails before training): under a
     delta downlink its copy of the model advances as the server's replica of it did."""
-    return rt.downlink.receive(broadcast, rnd, client, state)
+    return runtime.downlink.receive(broadcast, round_num, client, state)
 
 
-def client_fit(rt: ClientRuntime, broadcast: bytes, x: torch.Tensor, y: torch.Tensor, cfg: LocalTraining,
-               rnd: int, client: int, state: dict[str, torch.Tensor] | None = None) -> tuple[bytes, dict]:
+def client_fit(runtime: ClientRuntime, broadcast: bytes, x: torch.Tensor, y: torch.Tensor, cfg: LocalTraining,
+               round_num: int, client: int, state: dict[str, torch.Tensor] | None = None) -> tuple[bytes, dict]:
     """One client's round: bytes in (the global model), bytes out (the encoded update).
 
     ``state`` is this client's private store, kept across rounds by whoever runs the client (the
@@ -226,32 +226,33 @@ def client_fit(rt: ClientRuntime, broadcast: bytes, x: torch.Tensor, y: torch.Te
     it first and ``info["setup"]`` holds the codec's setup message (bytes the server must receive
     before the payload: the AE's decoder). ``info["codec"]`` holds the codec's metrics.
 
-    A model with client-local tensors (``rt.local``) trains them from the client's store and puts
-    them back there; only the shared tensors (``rt.spec``) are in the update."""
-    global_params = rt.downlink.receive(broadcast, rnd, client, state)
-    seed = rngs.derive_seed(rt.run_seed, rnd, rngs.CLIENT_NOISE, client)
+    A model with client-local tensors (``runtime.local``) trains them from the client's store and puts
+    them back there; only the shared tensors (``runtime.spec``) are in the update."""
+    global_params = runtime.downlink.receive(broadcast, round_num, client, state)
+    seed = rngs.derive_seed(runtime.run_seed, round_num, rngs.CLIENT_NOISE, client)
     metrics: dict[str, float] = {}
-    ctx = CodecContext(rt.spec, client=client, round=rnd, seed=seed,
-                       rng=rngs.torch_generator(rngs.derive_seed(rt.run_seed, rnd, rngs.CLIENT_CODEC, client)),
+    ctx = CodecContext(runtime.spec, client=client, round=round_num, seed=seed,
+                       rng=rngs.torch_generator(rngs.derive_seed(runtime.run_seed, round_num, rngs.CLIENT_CODEC,
+                                                                 client)),
                        reference=global_params, state=state, metrics=metrics)
     info: dict = {"num_examples": len(x)}
-    plan = rt.uplink.setup.prepass(ctx) if rt.uplink.setup is not None else None
+    plan = runtime.uplink.setup.prepass(ctx) if runtime.uplink.setup is not None else None
     if plan is not None:
         if state is None:
-            raise ConfigError(f"codec {rt.uplink.codec_id!r} fits itself on the client and needs the client's "
+            raise ConfigError(f"codec {runtime.uplink.codec_id!r} fits itself on the client and needs the client's "
                               "store (client_fit(..., state=...))")
-        gen = rngs.torch_generator(rngs.derive_seed(rt.run_seed, rnd, rngs.PREPASS, client))
-        rt.load_local(state)  # the pre-pass trains them too; its result is discarded
-        info["setup"] = rt.uplink.setup.fit(prepass(rt, global_params, x, y, cfg, plan, gen), ctx)
-    param = rt.uplink.algorithm.parametrization(ctx, global_params)
-    shuffle = rngs.torch_generator(rngs.derive_seed(rt.run_seed, rnd, rngs.CLIENT_TRAIN, client))
+        gen = rngs.torch_generator(rngs.derive_seed(runtime.run_seed, round_num, rngs.PREPASS, client))
+        runtime.load_local(state)  # the pre-pass trains them too; its result is discarded
+        info["setup"] = runtime.uplink.setup.fit(prepass(runtime, global_params, x, y, cfg, plan, gen), ctx)
+    param = runtime.uplink.algorithm.parametrization(ctx, global_params)
+    shuffle = rngs.torch_generator(rngs.derive_seed(runtime.run_seed, round_num, rngs.CLIENT_TRAIN, client))
     if cfg.keep_state and state is None:
         raise ConfigError("keeping the optimizer state between rounds needs the client's store "
                           "(client_fit(..., state=...))")
-    rt.load_local(state)
-    update, loss = local_train(rt, global_params, x, y, cfg, param, shuffle, store=state)
-    rt.save_local(state)
-    payload = rt.uplink.encode(update, ctx)
+    runtime.load_local(state)
+    update, loss = local_train(runtime, global_params, x, y, cfg, param, shuffle, store=state)
+    runtime.save_local(state)
+    payload = runtime.uplink.encode(update, ctx)
     info["train_loss"] = loss
     info["codec"] = metrics
     return payload, info

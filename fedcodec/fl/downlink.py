@@ -41,40 +41,41 @@ class Downlink:
         self.codec, self.delta, self.spec, self.run_seed = codec, delta, spec, run_seed
         self.initial = initial  # the model every client can build from the run's seed
 
-    def _ctx(self, rnd: int, client: int) -> CodecContext:
-        seed = rngs.derive_seed(self.run_seed, rnd, rngs.DOWNLINK, client + 1)  # -1: everyone
-        return CodecContext(self.spec, client=client, round=rnd, seed=seed, rng=rngs.torch_generator(seed))
+    def _ctx(self, round_num: int, client: int) -> CodecContext:
+        seed = rngs.derive_seed(self.run_seed, round_num, rngs.DOWNLINK, client + 1)  # -1: everyone
+        return CodecContext(self.spec, client=client, round=round_num, seed=seed, rng=rngs.torch_generator(seed))
 
-    def send(self, global_params: Update, rnd: int, clients: list[int],
+    def send(self, global_params: Update, round_num: int, clients: list[int],
              server_state: dict[str, dict[str, torch.Tensor]]) -> tuple[dict[int, bytes], dict[int, Update]]:
         """The payload for each client and the model each will hold once it decodes it.
 
         ``server_state`` maps a client to the server's store for it (delta mode keeps the replica
         there); it is updated in place."""
         if not self.delta:
-            payload = self.codec.encode(global_params, self._ctx(rnd, -1))
-            view = global_params if self.codec.lossless else self.codec.decode(payload, self._ctx(rnd, -1))
+            payload = self.codec.encode(global_params, self._ctx(round_num, -1))
+            view = global_params if self.codec.lossless else self.codec.decode(payload, self._ctx(round_num, -1))
             return {c: payload for c in clients}, {c: view for c in clients}
         payloads, views = {}, {}
         for c in clients:
             store = server_state.setdefault(c, {})
             replica = _read(store, self.spec, self.initial)
             diff = {n: global_params[n] - replica[n] for n in replica}
-            payload = self.codec.encode(diff, self._ctx(rnd, c))
-            step = self.codec.decode(payload, self._ctx(rnd, c))
+            payload = self.codec.encode(diff, self._ctx(round_num, c))
+            step = self.codec.decode(payload, self._ctx(round_num, c))
             view = {n: replica[n] + step[n] for n in replica}
             _write(store, view)
             payloads[c], views[c] = payload, view
         return payloads, views
 
-    def receive(self, payload: bytes, rnd: int, client: int, client_state: dict[str, torch.Tensor] | None) -> Update:
+    def receive(self, payload: bytes, round_num: int, client: int,
+                client_state: dict[str, torch.Tensor] | None) -> Update:
         """The client's side: the model it trains from (updating its own copy in delta mode)."""
         if not self.delta:
-            return self.codec.decode(payload, self._ctx(rnd, -1))
+            return self.codec.decode(payload, self._ctx(round_num, -1))
         if client_state is None:
             raise ValueError("a delta downlink needs the client's state store to keep its model copy")
         replica = _read(client_state, self.spec, self.initial)
-        step = self.codec.decode(payload, self._ctx(rnd, client))
+        step = self.codec.decode(payload, self._ctx(round_num, client))
         view = {n: replica[n] + step[n] for n in replica}
         _write(client_state, view)
         return view

@@ -20,14 +20,14 @@ class Entry:
 class Ledger:
     entries: list[Entry] = field(default_factory=list)
 
-    def record(self, rnd: int, client: int, direction: str, codec: str, payload: bytes) -> int:
+    def record(self, round_num: int, client: int, direction: str, codec: str, payload: bytes) -> int:
         n = len(payload)
-        self.entries.append(Entry(rnd, client, direction, codec, n))
+        self.entries.append(Entry(round_num, client, direction, codec, n))
         return n
 
-    def total(self, direction: str, rnd: int | None = None) -> int:
+    def total(self, direction: str, round_num: int | None = None) -> int:
         return sum(e.nbytes for e in self.entries
-                   if e.direction == direction and (rnd is None or e.round == rnd))
+                   if e.direction == direction and (round_num is None or e.round == round_num))
 
     def to_csv(self) -> str:
         buf = io.StringIO()

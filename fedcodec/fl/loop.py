@@ -96,18 +96,19 @@ class RoundReport:
     record: dict
 
 
-Callback = Callable[["RunState", RoundReport], None]  # noqa: F821  (RunState: fl/simulation.py)
+#: ``callback(state, report)``, called after a round's record is in (``state``: the run state)
+Callback = Callable[[object, RoundReport], None]
 
 
 def plan_round(sim, state, reachable: Callable[[list[int]], set[int]]) -> RoundPlan:
     """Sample the round's clients and failures (pure functions of the seed) and encode the downlink
     payloads of the reachable ones (a delta downlink updates the server's replicas of exactly those)."""
-    cfg, rnd = sim.cfg, state.round + 1
-    clients = rngs.sample_clients(cfg.seed, rnd, cfg.num_clients, cfg.clients_per_round)
-    dropout, late = rngs.round_failures(cfg.seed, rnd, clients, cfg.dropout, cfg.stragglers)
+    cfg, round_num = sim.cfg, state.round + 1
+    clients = rngs.sample_clients(cfg.seed, round_num, cfg.num_clients, cfg.clients_per_round)
+    dropout, late = rngs.round_failures(cfg.seed, round_num, clients, cfg.dropout, cfg.stragglers)
     targets = [c for c in clients if c in reachable(clients)]
-    down, views = sim.runtime.downlink.send(state.global_params, rnd, targets, state.server_states)
-    return RoundPlan(rnd, clients, frozenset(dropout), frozenset(late), down, views,
+    down, views = sim.runtime.downlink.send(state.global_params, round_num, targets, state.server_states)
+    return RoundPlan(round_num, clients, frozenset(dropout), frozenset(late), down, views,
                      frozenset(clients) - frozenset(targets))
 
 
@@ -156,16 +157,16 @@ def ingest(sim, state, plan: RoundPlan, replies: dict[int, Reply]) -> Inbox:
     """Write the round's ledger rows (per client: downlink, setup message, payload, in client order)
     and sort the replies into what the server will decode. A client's weight is the size of its
     partition, which the server knows from the seeded partition; a different claim is logged."""
-    rt, rnd, inbox = sim.runtime, plan.round, Inbox()
+    runtime, round_num, inbox = sim.runtime, plan.round, Inbox()
     for c in plan.clients:
         reply = replies.get(c) or Reply(c, DROPPED, delivered=False, reason="no SuperNode holds this partition")
         if reply.delivered and c in plan.broadcasts:
-            state.ledger.record(rnd, c, "down", rt.downlink.codec.codec_id, plan.broadcasts[c])
+            state.ledger.record(round_num, c, "down", runtime.downlink.codec.codec_id, plan.broadcasts[c])
         if reply.setup is not None:  # sent before the payload, so a straggler's decoder still arrives
-            state.ledger.record(rnd, c, "up", f"{rt.uplink.codec_id}/setup", reply.setup)
+            state.ledger.record(round_num, c, "up", f"{runtime.uplink.codec_id}/setup", reply.setup)
             inbox.setups[c] = reply.setup
         if reply.payload is not None:
-            state.ledger.record(rnd, c, "up", rt.uplink.codec_id, reply.payload)
+            state.ledger.record(round_num, c, "up", runtime.uplink.codec_id, reply.payload)
             inbox.losses.append(reply.train_loss)
             inbox.metrics.append(reply.metrics)
         if reply.status == DROPPED:
@@ -175,7 +176,7 @@ def ingest(sim, state, plan: RoundPlan, replies: dict[int, Reply]) -> Inbox:
         elif reply.payload is not None:
             weight = sim.client_size(c)
             if reply.num_examples != weight:
-                log.warning("round %d: client %d reports %s examples, its partition has %d; using %d", rnd, c,
+                log.warning("round %d: client %d reports %s examples, its partition has %d; using %d", round_num, c,
                             reply.num_examples, weight, weight)
             inbox.payloads[c] = (reply.payload, float(weight))
     return inbox

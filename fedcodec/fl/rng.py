@@ -23,12 +23,12 @@ def torch_generator(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed & 0x7FFF_FFFF_FFFF_FFFF)
 
 
-def sample_clients(run_seed: int, rnd: int, num_clients: int, per_round: int) -> list[int]:
-    rng = np.random.default_rng(derive_seed(run_seed, rnd, SAMPLING))
+def sample_clients(run_seed: int, round_num: int, num_clients: int, per_round: int) -> list[int]:
+    rng = np.random.default_rng(derive_seed(run_seed, round_num, SAMPLING))
     return sorted(int(c) for c in rng.choice(num_clients, size=per_round, replace=False))
 
 
-def round_failures(run_seed: int, rnd: int, clients: list[int], dropout: float,
+def round_failures(run_seed: int, round_num: int, clients: list[int], dropout: float,
                    stragglers: float) -> tuple[set[int], set[int]]:
     """Which sampled clients drop out and which arrive late this round: exactly
     ``round(dropout * k)`` and ``round(stragglers * k)`` of the ``k`` clients, disjoint."""
@@ -36,6 +36,6 @@ def round_failures(run_seed: int, rnd: int, clients: list[int], dropout: float,
     n_drop, n_late = round(dropout * k), round(stragglers * k)
     if not n_drop + n_late:
         return set(), set()
-    rng = np.random.default_rng(derive_seed(run_seed, rnd, FAILURES))
+    rng = np.random.default_rng(derive_seed(run_seed, round_num, FAILURES))
     chosen = [clients[i] for i in rng.permutation(k)[:n_drop + n_late]]
     return set(chosen[:n_drop]), set(chosen[n_drop:])

@@ -62,7 +62,7 @@ def aggregate(spec: ModelSpec, global_params: Update, updates: list[tuple[int, f
             for t in spec.tensors}
 
 
-def server_round(uplink: Uplink, spec: ModelSpec, global_params: Update, rnd: int,
+def server_round(uplink: Uplink, spec: ModelSpec, global_params: Update, round_num: int,
                  payloads: dict[int, tuple[bytes, float]], min_clients: int = 1,
                  max_update_norm: float | None = None,
                  references: dict[int, Update] | None = None,
@@ -91,10 +91,10 @@ def server_round(uplink: Uplink, spec: ModelSpec, global_params: Update, rnd: in
             if uplink.setup is None:
                 raise PayloadError("setup", f"codec {uplink.codec_id!r} takes no setup messages", client)
             store = stores.setdefault(client, {}) if stores is not None else None
-            uplink.setup.accept_setup(setups[client], CodecContext(spec, client=client, round=rnd, state=store))
+            uplink.setup.accept_setup(setups[client], CodecContext(spec, client=client, round=round_num, state=store))
         except PayloadError as err:
             err = err if err.client is not None else err.for_client(client)
-            log.warning("round %d: %s", rnd, err)
+            log.warning("round %d: %s", round_num, err)
             failed_setup[client] = str(err)
     for client in sorted(payloads):
         data, weight = payloads[client]
@@ -103,7 +103,7 @@ def server_round(uplink: Uplink, spec: ModelSpec, global_params: Update, rnd: in
                 raise PayloadError("setup", f"its setup message was rejected ({failed_setup[client]})", client)
             ref = references.get(client, global_params) if references else global_params
             store = stores.get(client) if stores is not None else None
-            upd = uplink.decode(data, CodecContext(spec, client=client, round=rnd, reference=ref, state=store))
+            upd = uplink.decode(data, CodecContext(spec, client=client, round=round_num, reference=ref, state=store))
             name = overflows(global_params, upd)
             if name is not None:
                 raise PayloadError("overflow", f"tensor {name!r} would leave the float32 range once applied", client)
@@ -113,17 +113,17 @@ def server_round(uplink: Uplink, spec: ModelSpec, global_params: Update, rnd: in
                     raise PayloadError("norm", f"update L2 norm {norm:.4g} exceeds the bound {max_update_norm:.4g}",
                                        client)
         except PayloadError as err:
-            log.warning("round %d: %s", rnd, err)
+            log.warning("round %d: %s", round_num, err)
             outcome.rejected[client] = str(err)
             continue
         decoded.append((client, weight, upd))
         outcome.accepted.append(client)
     if len(decoded) < min_clients:
         log.warning("round %d: only %d of %d payloads usable (< %d); global model unchanged",
-                    rnd, len(decoded), len(payloads), min_clients)
+                    round_num, len(decoded), len(payloads), min_clients)
         return global_params, outcome
     new = aggregate(spec, global_params, decoded, uplink.algorithm, apply)
     if not all(torch.isfinite(t).all() for t in new.values()):  # defence in depth; overflows() prevents it
-        log.error("round %d: aggregate is not finite; global model unchanged", rnd)
+        log.error("round %d: aggregate is not finite; global model unchanged", round_num)
         return global_params, outcome
     return new, outcome

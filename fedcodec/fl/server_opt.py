@@ -74,7 +74,7 @@ Example, once per round::
 
     opt = ServerOptimizer(spec, ServerOptimizerConfig(kind="adam", lr=0.03))
     state = {}                                    # or a checkpoint's, after opt.check_state(state)
-    for rnd in rounds:
+    for round_num in rounds:
         delta = ...                               # the codec's aggregate, float64, one per tensor
         global_params, state = opt.step(global_params, delta, state)
 """

@@ -103,9 +103,9 @@ class Simulation:
         to evaluate (FedPM samples a mask), the task evaluates them (with each client's store at
         hand, for tasks whose clients evaluate with their own local tensors). Returns the record
         entries."""
-        rt = self.runtime
-        weights = rt.uplink.algorithm.eval_params(params, self.spec, rngs.derive_seed(self.cfg.seed, rngs.EVAL))
-        return rt.task.evaluate(rt, weights, state.client_states)
+        runtime = self.runtime
+        weights = runtime.uplink.algorithm.eval_params(params, self.spec, rngs.derive_seed(self.cfg.seed, rngs.EVAL))
+        return runtime.task.evaluate(runtime, weights, state.client_states)
 
 
 def setup(cfg: Config, source: FederatedSource) -> tuple[Simulation, RunState]:
@@ -118,13 +118,13 @@ def setup(cfg: Config, source: FederatedSource) -> tuple[Simulation, RunState]:
     initial = uplink.algorithm.init_global({t.name: tensors[t.name].detach().clone() for t in spec.tensors}, spec)
     downlink = Downlink(build_codec(cfg.downlink, **cfg.downlink_options), cfg.downlink_delta, spec, cfg.seed,
                         initial)
-    rt = ClientRuntime(model, spec, uplink, downlink, cfg.seed, task=Classification(source.test_x, source.test_y))
+    runtime = ClientRuntime(model, spec, uplink, downlink, cfg.seed, task=Classification(source.test_x, source.test_y))
     labels = source.train_y.numpy()
     kw = {"dirichlet": {"beta": cfg.beta, "min_size": cfg.min_client_size},
           "k-classes": {"k": cfg.classes_per_client}}.get(cfg.partition, {})
     parts = partition(labels, cfg.partition, cfg.num_clients, cfg.seed, **kw)
     training = local_training(cfg)
-    sim = Simulation(cfg, source, rt, [torch.from_numpy(p) for p in parts], training)
+    sim = Simulation(cfg, source, runtime, [torch.from_numpy(p) for p in parts], training)
     return sim, RunState(0, dict(initial))
 
 

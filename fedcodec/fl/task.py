@@ -35,11 +35,11 @@ class Task(Protocol):
         must reach them through ``model``'s own submodules (as any ``model(...)`` call does)."""
         ...
 
-    def evaluate(self, rt: ClientRuntime, params: Update,
+    def evaluate(self, runtime: ClientRuntime, params: Update,
                  stores: Mapping[int, Mapping[str, torch.Tensor]]) -> dict[str, float]:
         """The record entries of one evaluation of the global tensors ``params`` (what the uplink
-        codec says to evaluate), on ``rt.model``. ``stores`` are the clients' stores, for tasks whose
-        clients evaluate with their own client-local tensors (``rt.local_tensors(store)``)."""
+        codec says to evaluate), on ``runtime.model``. ``stores`` are the clients' stores, for tasks whose
+        clients evaluate with their own client-local tensors (``runtime.local_tensors(store)``)."""
         ...
 
 
@@ -58,18 +58,18 @@ class Classification:
         return F.cross_entropy(model(x), y)
 
     @torch.no_grad()
-    def evaluate(self, rt: ClientRuntime, params: Update,
+    def evaluate(self, runtime: ClientRuntime, params: Update,
                  stores: Mapping[int, Mapping[str, torch.Tensor]]) -> dict[str, float]:
         """Test ``accuracy`` and mean cross-entropy ``test_loss`` of ``params``."""
         if self.test_x is None or self.test_y is None:
             raise ConfigError("this classification task has no test set to evaluate on; "
                               "give it one: Classification(test_x, test_y)")
-        rt.load(params)
-        rt.model.eval()
+        runtime.load(params)
+        runtime.model.eval()
         x, y, size = self.test_x, self.test_y, self.batch_size
         correct, loss = 0, 0.0
         for start in range(0, len(x), size):
-            out = rt.model(x[start:start + size])
+            out = runtime.model(x[start:start + size])
             yb = y[start:start + size]
             loss += float(F.cross_entropy(out, yb, reduction="sum"))
             correct += int((out.argmax(1) == yb).sum())

@@ -89,28 +89,28 @@ def train(msg: Message, context: Context) -> Message:
     if num is not None and num != sim.cfg.num_clients:
         raise ValueError(f"node config num-partitions={num} but the run has num-clients={sim.cfg.num_clients}")
     rec = msg.content[RECORD]
-    rnd, client, broadcast = rec.get("round"), rec.get("client"), rec.get("broadcast")
-    if not (isinstance(rnd, int) and isinstance(client, int) and isinstance(broadcast, bytes)):
+    round_num, client, broadcast = rec.get("round"), rec.get("client"), rec.get("broadcast")
+    if not (isinstance(round_num, int) and isinstance(client, int) and isinstance(broadcast, bytes)):
         raise ValueError("a train message needs round (int), client (int) and broadcast (bytes)")
     if client != pid:
         raise ValueError(f"message for client {client} reached the node holding partition {pid}")
     store = context.state[STATE].to_torch_state_dict() if STATE in context.state else {}
     if rec.get("simulate") == SIMULATE_DROPOUT:  # the config's simulated failure: broadcast in, nothing out
-        client_receive(sim.runtime, broadcast, rnd, pid, state=store)
+        client_receive(sim.runtime, broadcast, round_num, pid, state=store)
         if store:
             context.state[STATE] = ArrayRecord(torch_state_dict=store)
-        log.info("round %d, client %d: simulated dropout", rnd, pid)
+        log.info("round %d, client %d: simulated dropout", round_num, pid)
         return Message(RecordDict({RECORD: ConfigRecord({"dropped": True, "client": pid})}), reply_to=msg)
     x, y = sim.client_data(pid)
-    payload, info = client_fit(sim.runtime, broadcast, x, y, sim.training, rnd, pid, state=store)
+    payload, info = client_fit(sim.runtime, broadcast, x, y, sim.training, round_num, pid, state=store)
     if store:
         context.state[STATE] = ArrayRecord(torch_state_dict=store)
     if settings.corrupt_partition == pid:  # test hook: a byte flipped in transit (same length)
         flipped = bytearray(payload)
         flipped[len(flipped) // 2] ^= 0xFF
         payload = bytes(flipped)
-        log.warning("round %d: partition %d corrupts its payload (corrupt-partition)", rnd, pid)
-    log.info("round %d, client %d: %d examples, setup %.1f s, training %.1f s, payload %d bytes", rnd, pid,
+        log.warning("round %d: partition %d corrupts its payload (corrupt-partition)", round_num, pid)
+    log.info("round %d, client %d: %d examples, setup %.1f s, training %.1f s, payload %d bytes", round_num, pid,
              len(x), t1 - t0, time.perf_counter() - t1, len(payload))
     reply = {"payload": payload, "client": pid}
     if "setup" in info:  # the codec's setup message (an AE client's decoder), sent with the payload

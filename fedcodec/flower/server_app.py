@@ -56,10 +56,10 @@ def resume_state(sim, cfg, out: Path):
 
 def client_side_state(sim) -> list[str]:
     """What the clients of ``sim`` keep in their own stores between rounds (empty: nothing)."""
-    rt, cfg = sim.runtime, sim.cfg
-    kept = {"error-feedback memory": rt.uplink.error_feedback, "a fitted codec": rt.uplink.setup is not None,
+    runtime, cfg = sim.runtime, sim.cfg
+    kept = {"error-feedback memory": runtime.uplink.error_feedback, "a fitted codec": runtime.uplink.setup is not None,
             "a copy of the model (delta downlink)": cfg.downlink_delta,
-            "optimizer state": cfg.keep_optimizer_state, "client-local tensors": bool(rt.local)}
+            "optimizer state": cfg.keep_optimizer_state, "client-local tensors": bool(runtime.local)}
     return [what for what, keeps in kept.items() if keeps]
 
 

@@ -49,12 +49,12 @@ def _with_prior(model: NTC, prior: dict[str, torch.Tensor]) -> NTC:
     return m.eval()
 
 
-def evaluate(src: NeuralSource, tr: Trained, s: Settings) -> dict[str, dict]:
-    """All the curves' points that trained run ``tr`` gives."""
+def evaluate(src: NeuralSource, trained: Trained, s: Settings) -> dict[str, dict]:
+    """All the curves' points that trained run ``trained`` gives."""
     k = src.num_clients
-    models = [tr.model(c) for c in range(k)]
-    pts = {tr.mode: mean_point([rd_point(m, src.test[c]) for c, m in enumerate(models)])}
-    if tr.mode == "federated":
+    models = [trained.model(c) for c in range(k)]
+    pts = {trained.mode: mean_point([rd_point(m, src.test[c]) for c, m in enumerate(models)])}
+    if trained.mode == "federated":
         fitted = _fitted(models, src.train, s, 1)
         pts["federated+fit"] = mean_point([rd_point(m, src.test[c]) for c, m in enumerate(fitted)])
         shared = _with_prior(models[0], average_prior(fitted))
@@ -64,7 +64,7 @@ def evaluate(src: NeuralSource, tr: Trained, s: Settings) -> dict[str, dict]:
             pts["newcomer: own prior"] = mean_point([rd_point(m, x) for m, x in zip(own, src.newcomers_test)])
         if src.holdout:
             pts["holdout: federated"] = rd_point(shared, [x for _, x in src.holdout])
-    elif tr.mode == "global":
+    elif trained.mode == "global":
         fitted = _fitted(models, src.train, s, 1)
         pts["global+ft"] = mean_point([rd_point(m, src.test[c]) for c, m in enumerate(fitted)])
         if src.newcomers_train:
@@ -76,8 +76,8 @@ def evaluate(src: NeuralSource, tr: Trained, s: Settings) -> dict[str, dict]:
     elif src.holdout:  # local: each client's codec on the held-out photos, averaged over clients
         pts["holdout: local"] = mean_point([rd_point(m, [x for _, x in src.holdout]) for m in models])
     for p in pts.values():
-        p["uplink_bytes"] = tr.uplink_bytes
-        p["uplink_payloads"] = tr.uplink_payloads
+        p["uplink_bytes"] = trained.uplink_bytes
+        p["uplink_payloads"] = trained.uplink_payloads
     return pts
 
 
@@ -115,11 +115,11 @@ def run_sweep(source: str, lambdas: list[float] | None, modes: list[str], out: P
             if path.exists() and mode in curves.get(key, {}).get("_trained", []):
                 continue
             t0 = time.perf_counter()
-            tr = Trained.load(path) if path.exists() else train(src, mode, lam, s, progress)
+            trained = Trained.load(path) if path.exists() else train(src, mode, lam, s, progress)
             if not path.exists():
-                tr.save(path, {"source": source, "settings": s.__dict__})
+                trained.save(path, {"source": source, "settings": s.__dict__})
             entry = curves.setdefault(key, {})
-            entry.update(evaluate(src, tr, s))
+            entry.update(evaluate(src, trained, s))
             entry.setdefault("_trained", []).append(mode)
             entry.setdefault("_seconds", {})[mode] = time.perf_counter() - t0
             _write(results_path, {"source": source, "unit": src.rate_unit, "settings": s.__dict__,

@@ -152,9 +152,9 @@ def build_simulation(src: NeuralSource, mode: str, lmbda: float, s: Settings) ->
     initial = uplink.algorithm.init_global({t.name: tensors[t.name].detach().clone() for t in spec.tensors}, spec)
     downlink = Downlink(build_codec(cfg.downlink, **cfg.downlink_options), cfg.downlink_delta, spec, s.seed, initial)
     task = NTCTask(lmbda, s.prior_lr_scale, test=src.test)
-    rt = ClientRuntime(model, spec, uplink, downlink, s.seed, task=task, local=local)
+    runtime = ClientRuntime(model, spec, uplink, downlink, s.seed, task=task, local=local)
     data, parts = pooled([(x, x) for x in src.train])  # a compressor's target is its input
-    return Simulation(cfg, data, rt, parts, local_training(cfg)), RunState(0, dict(initial))
+    return Simulation(cfg, data, runtime, parts, local_training(cfg)), RunState(0, dict(initial))
 
 
 def client_tensors(sim: Simulation, state: RunState, client: int) -> Update:

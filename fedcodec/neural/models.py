@@ -147,18 +147,18 @@ class NTCTask:
         return model.rd(x, self.lmbda, gen)["loss"]
 
     @torch.no_grad()
-    def evaluate(self, rt: ClientRuntime, params: Update,
+    def evaluate(self, runtime: ClientRuntime, params: Update,
                  stores: Mapping[int, Mapping[str, torch.Tensor]]) -> dict[str, float]:
         from .codec import Coder
 
         if not self.test:
             raise ConfigError("this compression task has no test data to evaluate on; "
                               "give it each client's: NTCTask(lmbda, test=[...])")
-        model = rt.model.eval()
-        rt.load(params)
+        model = runtime.model.eval()
+        runtime.load(params)
         rates, mses = [], []
         for c, x in enumerate(self.test):
-            rt.load(rt.local_tensors(stores.get(c, {})))
+            runtime.load(runtime.local_tensors(stores.get(c, {})))
             coder = Coder(model, None)  # estimates need no tables
             sym = coder.quantize(x)
             rates.append(coder.estimate_bits(sym) / (len(x) * model.pixels(x)))

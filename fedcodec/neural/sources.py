@@ -91,9 +91,9 @@ def fashion_mnist_source(data_dir: str | None = None, n_train: int = 600, n_test
 
     groups = [(k, (k + 1) % 10) for k in range(10)]
     new_groups = [(0, 5), (3, 8)]  # pairs no training client holds
-    tr = [take(src.train_x, src.train_y, g, n_train) for g in groups + new_groups]
-    te = [take(src.test_x, src.test_y, g, n_test) for g in groups + new_groups]
-    return NeuralSource("fashion-mnist", tr[:10], te[:10], tr[10:], te[10:],
+    train_sets = [take(src.train_x, src.train_y, g, n_train) for g in groups + new_groups]
+    test_sets = [take(src.test_x, src.test_y, g, n_test) for g in groups + new_groups]
+    return NeuralSource("fashion-mnist", train_sets[:10], test_sets[:10], train_sets[10:], test_sets[10:],
                         NTCConfig("image", 1, latent=16, hidden=32, downs=2), (30.0, 100.0, 300.0, 1000.0),
                         rate_unit="bpp",
                         defaults={"rounds": 20, "local_epochs": 1, "batch_size": 32, "lr": 2e-3})
