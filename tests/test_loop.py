@@ -123,3 +123,18 @@ def test_a_round_that_keeps_the_model_leaves_the_optimizer_state_alone():
     sim, state = setup(cfg, SOURCE)
     state = run_round(sim, state, InProcessTransport(sim))
     assert state.records[-1]["accepted"] == 0 and state.optimizer_state == {}
+
+
+def test_server_optimizers_refuse_a_method_that_sets_the_model_directly():
+    """FedPM's server step is a Beta posterior (it sets θ), not "add the aggregated update": a server
+    optimizer has nothing to act on, and the config says so instead of silently mixing them."""
+    import pytest
+
+    from fedcodec.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="server step is not 'add the aggregated update'"):
+        small_config("fedpm", server_optimizer="adam")
+    with pytest.raises(ConfigError, match="leave server_optimizer=sgd"):
+        small_config("fedpm", server_lr=0.5)
+    assert small_config("fedpm", server_lr=1.0).server_lr == 1.0  # plain FedAvg step: allowed
+    assert small_config("fedmrn-binary", server_optimizer="yogi").server_optimizer == "yogi"

@@ -16,6 +16,7 @@ from fedcodec.fl import rng as rngs
 from fedcodec.fl import server as server_mod
 from fedcodec.fl.simulation import RunState
 from fedcodec.neural.codec import Coder, CodecFileError
+from fedcodec.codecs.fedmrn import noise_tensors
 from fedcodec.neural.entropy import FactorizedPrior
 from fedcodec.neural.federated import (Settings, Trained, build_simulation, fit_prior, rd_point, train)
 from fedcodec.neural.models import NTCConfig, build_ntc
@@ -173,7 +174,7 @@ def test_round_evaluation_is_each_clients_own_codec_on_its_test_data():
     src = _tiny_source()
     sim, state = build_simulation(src, "federated", 100.0, Settings(rounds=1, local_epochs=1, batch_size=16,
                                                                     lr=1e-2))
-    from fedcodec.fl.simulation import evaluate_round, run_round
+    from fedcodec.fl.simulation import run_round
 
     state = run_round(sim, state)
     rates, mses = [], []
@@ -188,9 +189,9 @@ def test_round_evaluation_is_each_clients_own_codec_on_its_test_data():
     assert rec["rate_est"] == pytest.approx(float(np.mean(rates)), rel=1e-12)
     assert rec["mse"] == pytest.approx(float(np.mean(mses)), rel=1e-12)
     assert rec["test_loss"] == pytest.approx(rec["rate_est"] + 100.0 * rec["mse"], rel=1e-12)
-    assert evaluate_round(sim, state.global_params, state) == {k: rec[k] for k in ("rate_est", "mse", "test_loss")}
+    assert sim.evaluate_round(state.global_params, state) == {k: rec[k] for k in ("rate_est", "mse", "test_loss")}
     # with every client on the initial entropy model instead, the rate is another
-    assert evaluate_round(sim, state.global_params, RunState(1, {}))["rate_est"] != rec["rate_est"]
+    assert sim.evaluate_round(state.global_params, RunState(1, {}))["rate_est"] != rec["rate_est"]
 
 
 def _fedmrn_payload_bytes(spec) -> int:
@@ -211,14 +212,14 @@ def test_fedmrn_trains_the_shared_transforms_and_the_prior_stays_local(monkeypat
                                                                                   reference=global_params))))
         return real(uplink, spec, global_params, rnd, payloads, *a, **kw)
 
-    monkeypatch.setattr("fedcodec.fl.simulation.server_round", spy)
-    from fedcodec.fl.simulation import evaluate_round, run_round
+    monkeypatch.setattr("fedcodec.fl.loop.server_round", spy)
+    from fedcodec.fl.simulation import run_round
 
     sim, state = build_simulation(src, "federated", 100.0, s)
-    initial = evaluate_round(sim, state.global_params, state)["test_loss"]
+    initial = sim.evaluate_round(state.global_params, state)["test_loss"]
     while state.round < s.rounds:
         state = run_round(sim, state)
-    spec, codec = sim.spec, sim.runtime.uplink
+    spec, uplink = sim.spec, sim.runtime.uplink
     # the masks cover the transforms' kernels; biases travel as float32; the prior not at all
     assert (spec.numel(("weight",)), spec.numel(("param", "buffer"))) == (1120, 83)
     prior = set(build_ntc(src.model, 0).prior_names())
@@ -230,7 +231,7 @@ def test_fedmrn_trains_the_shared_transforms_and_the_prior_stays_local(monkeypat
     for rnd, client, dec in seen:  # each decoded kernel is the client's seeded noise times a 0/1 mask
         assert set(dec) == set(spec.names)
         masked = spec.select(("weight",))
-        noise = codec.noise_tensors(rngs.derive_seed(s.seed, rnd, rngs.CLIENT_NOISE, client), masked)
+        noise = noise_tensors(uplink.codec.options, rngs.derive_seed(s.seed, rnd, rngs.CLIENT_NOISE, client), masked)
         bits = torch.cat([(dec[t.name] != 0).reshape(-1) for t in masked])
         assert all(torch.equal(dec[t.name], noise[t.name] * (dec[t.name] != 0)) for t in masked)
         assert 0.05 < float(bits.float().mean()) < 0.95

@@ -8,7 +8,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from fedcodec.codecs import ModelSpec, build_codec
+from fedcodec.codecs import ModelSpec, build_codec, build_uplink
+from fedcodec.codecs.fedmrn import noise_tensors
 from fedcodec.errors import ConfigError
 from fedcodec.fl.client import Classification as ReExported
 from fedcodec.fl.client import ClientRuntime, LocalTraining, local_train
@@ -59,17 +60,17 @@ def test_fedmrn_trains_a_regression_task_through_local_train():
     global model plus noise * (a hidden mask) is recovered from the decoded payload."""
     torch.manual_seed(0)
     model = nn.Linear(8, 4)
-    codec = build_codec("fedmrn", alpha=0.5)
-    rt, glob = _runtime(model, codec, Regression())
+    uplink = build_uplink("fedmrn", alpha=0.5)
+    rt, glob = _runtime(model, uplink, Regression())
     c = ctx(rt.spec, rng_seed=5, reference=glob)
-    noise = codec.noise_tensors(c.seed, rt.spec.select(("weight",)))["weight"]
+    noise = noise_tensors(uplink.codec.options, c.seed, rt.spec.select(("weight",)))["weight"]
     g = torch.Generator().manual_seed(1)
     hidden = (torch.rand(noise.shape, generator=g) < 0.5).float()
     x = torch.randn(256, 8, generator=g)
     y = x @ (glob["weight"] + noise * hidden).T + glob["bias"]
     update, last = local_train(rt, glob, x, y, LocalTraining(epochs=30, batch_size=64, lr=0.3),
-                               codec.parametrization(c, glob), torch.Generator().manual_seed(0))
-    dec = codec.decode(codec.encode(update, c), ctx(rt.spec, reference=glob))
+                               uplink.algorithm.parametrization(c, glob), torch.Generator().manual_seed(0))
+    dec = uplink.decode(uplink.encode(update, c), ctx(rt.spec, reference=glob))
 
     def mse(w: torch.Tensor, b: torch.Tensor) -> float:
         return float(F.mse_loss(x @ w.T + b, y))
