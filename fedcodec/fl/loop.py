@@ -92,6 +92,7 @@ class RoundReport:
 
     plan: RoundPlan
     replies: dict[int, Reply]
+    inbox: "Inbox"
     outcome: RoundOutcome
     record: dict
 
@@ -222,7 +223,7 @@ def run_round(sim, state, transport: Transport, callbacks: tuple[Callback, ...] 
     state.records.append(record)
     state.global_params = new_params
     state.round = plan.round
-    report = RoundReport(plan, replies, outcome, record)
+    report = RoundReport(plan, replies, inbox, outcome, record)
     for callback in callbacks:
         callback(state, report)
     return state

@@ -49,9 +49,9 @@ def run_method(cfg: Config, source: FederatedSource, out: Path, resume: bool = F
                         up_kB=f"{r['uplink_bytes'] / r['clients'] / 1e3:.1f}")
         bar.update()
 
-    transport = InProcessTransport(sim)
+    transport, callbacks = InProcessTransport(sim), (show, checkpointer(ckpt, cfg))
     while state.round < cfg.rounds:
-        state = run_round(sim, state, transport, callbacks=(show, checkpointer(ckpt, cfg)))
+        state = run_round(sim, state, transport, callbacks)
     bar.close()
     summary = summarize(cfg.method, state.records, sim.spec)
     write_method(out, config, state.records, summary, state.ledger)

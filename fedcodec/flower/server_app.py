@@ -22,7 +22,6 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from ..fl.checkpoint import atomic_write_bytes
-from ..fl.loop import DROPPED, TIMED_OUT
 from ..fl.runner import CHECKPOINT, checkpointer
 from .common import FlowerSettings, ensure_logging, parse_run_config
 from .transport import FlowerTransport, discover
@@ -93,11 +92,8 @@ def run_rounds(grid: Grid, cfg, settings: FlowerSettings, out: Path) -> None:
         events["rounds"].append({"round": record["round"], "sampled": report.plan.clients,
                                  "accepted": outcome.accepted,
                                  "rejected": {str(c): r for c, r in outcome.rejected.items()},
-                                 "dropped": {str(c): r.reason for c, r in sorted(report.replies.items())
-                                             if r.status == DROPPED}
-                                 | {str(c): "no SuperNode holds this partition" for c in report.plan.unreachable},
-                                 "timed_out": {str(c): r.reason for c, r in sorted(report.replies.items())
-                                               if r.status == TIMED_OUT}})
+                                 "dropped": {str(c): why for c, why in sorted(report.inbox.dropped.items())},
+                                 "timed_out": {str(c): why for c, why in sorted(report.inbox.timed_out.items())}})
         log.info("round %d: %d/%d accepted, %d rejected, %d dropped, %d timed out, uplink %d B, accuracy %s",
                  record["round"], record["accepted"], record["clients"], record["rejected"], record["dropped"],
                  record["timed_out"], record["uplink_bytes"],
@@ -108,8 +104,9 @@ def run_rounds(grid: Grid, cfg, settings: FlowerSettings, out: Path) -> None:
         torch.save(state.global_params, tmp)
         os.replace(tmp, out / "model.pt")
 
+    callbacks = (write_outputs, checkpointer(out / CHECKPOINT, cfg))
     while state.round < cfg.rounds:
-        state = run_round(sim, state, transport, callbacks=(write_outputs, checkpointer(out / CHECKPOINT, cfg)))
+        state = run_round(sim, state, transport, callbacks)
 
 
 @app.main()
