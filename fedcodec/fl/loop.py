@@ -56,7 +56,11 @@ class RoundPlan:
     late: frozenset[int]  # simulated: answer after the deadline
     broadcasts: dict[int, bytes]  # the downlink payload of every reachable sampled client
     views: dict[int, Update]  # the model each of them holds once it decodes its broadcast
-    unreachable: frozenset[int] = frozenset()  # sampled, but no way to reach them (no SuperNode)
+
+    @property
+    def unreachable(self) -> frozenset[int]:
+        """Sampled clients no broadcast could be sent to (no SuperNode holds their partition)."""
+        return frozenset(self.clients) - frozenset(self.broadcasts)
 
 
 @dataclass
@@ -65,7 +69,6 @@ class Reply:
 
     client: int
     status: str  # OK, DROPPED or TIMED_OUT
-    delivered: bool = True  # the broadcast reached the client (its bytes count as downlink)
     payload: bytes | None = None  # None: no payload arrived
     setup: bytes | None = None  # a codec setup message (an AE client's decoder)
     num_examples: int | None = None  # what the client says it trained on (checked, never trusted)
@@ -109,8 +112,7 @@ def plan_round(sim, state, reachable: Callable[[list[int]], set[int]]) -> RoundP
     dropout, late = rngs.round_failures(cfg.seed, round_num, clients, cfg.dropout, cfg.stragglers)
     targets = [c for c in clients if c in reachable(clients)]
     down, views = sim.runtime.downlink.send(state.global_params, round_num, targets, state.server_states)
-    return RoundPlan(round_num, clients, frozenset(dropout), frozenset(late), down, views,
-                     frozenset(clients) - frozenset(targets))
+    return RoundPlan(round_num, clients, frozenset(dropout), frozenset(late), down, views)
 
 
 class InProcessTransport:
@@ -160,8 +162,8 @@ def ingest(sim, state, plan: RoundPlan, replies: dict[int, Reply]) -> Inbox:
     partition, which the server knows from the seeded partition; a different claim is logged."""
     runtime, round_num, inbox = sim.runtime, plan.round, Inbox()
     for c in plan.clients:
-        reply = replies.get(c) or Reply(c, DROPPED, delivered=False, reason="no SuperNode holds this partition")
-        if reply.delivered and c in plan.broadcasts:
+        reply = replies.get(c) or Reply(c, DROPPED, reason="no SuperNode holds this partition")
+        if c in plan.broadcasts:  # sent, whatever became of it: its bytes crossed the wire
             state.ledger.record(round_num, c, "down", runtime.downlink.codec.codec_id, plan.broadcasts[c])
         if reply.setup is not None:  # sent before the payload, so a straggler's decoder still arrives
             state.ledger.record(round_num, c, "up", f"{runtime.uplink.codec_id}/setup", reply.setup)
