@@ -57,8 +57,10 @@ def main(root: Path, plot_path: Path | None = None) -> None:
         done = max(int(e["round"]) for e in up)  # FedAvg over the same rounds (an unfinished run)
         base_run = sum(n for r, n in base_up if r <= done)
         per = sum(updates) / len(updates)
-        err = [r["ae_error"] for r in rounds if "ae_error" in r]
-        fit = [r["ae_fit_error"] for r in rounds if "ae_fit_error" in r]
+        # client metrics are "client/<name>" since the robust-aggregation change (plain names before)
+        err = [r.get("client/ae_error", r.get("ae_error")) for r in rounds if "client/ae_error" in r or "ae_error" in r]
+        fit = [r.get("client/ae_fit_error", r.get("ae_fit_error")) for r in rounds
+               if "client/ae_fit_error" in r or "ae_fit_error" in r]
         name = run.name + (f" ({s['unfinished']} of 30 rounds)" if "unfinished" in s else "")
         print(f"| {name} | {100 * s['final_accuracy']:.2f} | {100 * s['best_accuracy']:.2f} | {per:,.0f} "
               f"| {base_update / per:,.0f}x | {len(setup)} | {sum(setup) / MB:.2f} | {total / MB:.2f} "

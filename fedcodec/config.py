@@ -363,6 +363,16 @@ class Config:
     downlink_delta: bool = setting(False, "send global - (the client's copy) instead of the model")
     max_update_norm: float | None = setting(None, "reject decoded updates with a larger L2 norm (none: no bound)",
                                             above=0)
+    # robust aggregation (fedcodec.fl.robust): what keeps one hostile client from poisoning the model
+    aggregator: str = setting("mean", "server aggregation rule: mean (the method's own), median (coordinate-wise), "
+                              "trimmed-mean or krum", choices=("mean", "median", "trimmed-mean", "krum"))
+    clip_factor: float = setting(2.0, "clip each client's update, per tensor group, to this many times the round's "
+                                 "median norm (0: off; else >= 1)", at_least=0)
+    trim_fraction: float = setting(0.1, "aggregator=trimmed-mean: fraction of the largest and of the smallest "
+                                   "values dropped per coordinate, in [0, 0.5)", at_least=0, below=0.5)
+    krum_byzantine: int = setting(1, "aggregator=krum: number of hostile clients assumed", at_least=0)
+    replay_window: int = setting(8, "reject a payload identical to one of a client's last N accepted ones "
+                                 "(0: off)", at_least=0)
     # server optimizer (fedcodec.fl.server_opt, which checks these keys): how the round's aggregate moves
     # the global model
     server_optimizer: str = setting("sgd", "server optimizer: sgd (FedAvg), momentum (FedAvgM), adam (FedAdam) or "
@@ -413,9 +423,11 @@ class Config:
             if not ok:
                 raise ConfigError(msg)
         from .codecs import build_codec, build_uplink
+        from .fl.robust import Defense
         from .fl.server_opt import ServerOptimizerConfig
 
         server = ServerOptimizerConfig.from_config(self)  # server_* keys fail here
+        Defense.from_config(self)  # clip_factor in (0, 1) fails here
         uplink = build_uplink(self.method_spec().codec, **self.uplink_options)  # unknown codec options fail here
         if not uplink.algorithm.additive_step and (server.kind != "sgd" or server.step_size != 1.0):
             raise ConfigError(f"method {self.method!r} sets the global model from the clients' messages (its "

@@ -48,7 +48,9 @@ def summarize(method: str, records: list[dict], spec: ModelSpec) -> dict[str, An
         # bytes of one update, i.e. the per-round ratio once every decoder has been paid
         "setup_total_bytes": setup,
         "uplink_bytes_per_update": (up - setup) / max(uploads, 1),
-        "codec_metrics": {k: float(np.nanmean([r[k] for r in records if k in r])) for k in codec_keys},
+        # clients' metrics are recorded as "client/<name>" (plain names in runs made before)
+        "codec_metrics": {k.removeprefix("client/"): float(np.nanmean([r[k] for r in records if k in r]))
+                          for k in codec_keys},
         "downlink_total_bytes": down,
         "bits_per_parameter": 8 * per_client / spec.numel(),
         "ratio_vs_fp32": fp32_reference_bytes(spec) / per_client if per_client else math.nan,

@@ -243,7 +243,7 @@ def test_each_client_ships_its_decoder_once_on_first_selection_and_the_ledger_co
     for r in state.records:
         assert r["uplink_bytes"] == sum(e.nbytes for e in ups if e.round == r["round"])
         assert r.get("setup_bytes", 0) == sum(e.nbytes for e in setups if e.round == r["round"])
-        assert r["accepted"] == r["clients"] and 0 < r["ae_error"] < 2
+        assert r["accepted"] == r["clients"] and 0 < r["client/ae_error"] < 2
     assert all(KEY + "fingerprint" in state.server_states[c] for c in first)
     assert not any(k.startswith(KEY + "enc/") for s in state.server_states.values() for k in s)  # encoders stay
 

@@ -429,10 +429,13 @@ def test_qsgd_rejects_malformed_bodies():
 
     good = codec.decode(wire.pack("qsgd", spec.fingerprint, body()), ctx(spec))
     assert good["conv.weight"].view(-1)[:3].tolist() == [1.0, -1.0, 0.0]
-    # the decoder reads the levels from the body: 8 levels, 4-bit indices
-    other = codec.decode(wire.pack("qsgd", spec.fingerprint, body(levels=8, q=[8, 6] + [4] * 40, width=4)), ctx(spec))
+    # the body declares its levels, which must be the run's: a codec built for 8 levels reads 4-bit indices
+    eight = build_codec("qsgd", levels=8)
+    other = eight.decode(wire.pack("qsgd", spec.fingerprint, body(levels=8, q=[8, 6] + [4] * 40, width=4)), ctx(spec))
     assert other["conv.weight"].view(-1)[:2].tolist() == [1.0, 0.5]
-    expect(codec, spec, body(levels=0), "field")
+    expect(codec, spec, body(levels=8, q=[8, 6] + [4] * 40, width=4), "binding")
+    expect(eight, spec, body(), "binding")
+    expect(codec, spec, body(levels=0), "binding")
     expect(codec, spec, body(maxima=(float("nan"), 1.0)), "field")
     expect(codec, spec, body(maxima=(1.0, -2.0)), "field")
     expect(codec, spec, body(maxima=(float("-inf"), 1.0)), "field")
@@ -457,7 +460,8 @@ def topk_body(spec, idx, values=None, classes=None, mantissas=None, k=None):
 
 def test_topk_rejects_malformed_bodies():
     spec = tiny_spec()  # n = 42
-    codec = build_codec("topk")
+    codec = build_codec("topk", fraction=1.0)  # any k <= 42 is within what the run keeps
+    expect(build_codec("topk"), spec, topk_body(spec, [3, 41]), "binding", "this run keeps 1")  # ceil(0.01 * 42)
     good = codec.decode(wire.pack("topk", spec.fingerprint, topk_body(spec, [3, 41], [2.0, -3.0])), ctx(spec))
     assert good["conv.weight"].view(-1)[3].item() == 2.0 and good["fc.weight"].view(-1)[-1].item() == -3.0
     assert int(sum(torch.count_nonzero(good[t.name]) for t in spec.select(("weight",)))) == 2

@@ -13,7 +13,9 @@ from fedcodec.data.fashion_mnist import FILES
 from fedcodec.data.idx import write_idx
 from fedcodec.errors import ConfigError
 from fedcodec.fl import loop
+from fedcodec.fl import rng
 from fedcodec.fl.server import aggregate, server_round
+from fedcodec.fl.robust import Defense
 from fedcodec.fl.simulation import run_round, setup
 
 SOURCE = make_synthetic_images(400, 200, seed=0)
@@ -103,7 +105,8 @@ def test_malformed_payload_is_rejected_and_round_goes_on(monkeypatch, caplog):
     assert f"client {victims[0]}: rejected payload" in caplog.text
     # the new model is exactly the aggregate of the good clients alone
     good = {c: p for c, p in captured.items() if c != victims[0]}
-    expected, _ = real_server(sim.runtime.uplink, sim.spec, before, 1, good)
+    expected, _ = real_server(sim.runtime.uplink, sim.spec, before, 1, good,
+                              seed_of=lambda c: rng.codec_seed(sim.runtime.run_seed, 1, c))
     assert all(torch.equal(state.global_params[k], expected[k]) for k in expected)
     assert all(torch.isfinite(v).all() for v in state.global_params.values())
 
@@ -212,7 +215,7 @@ def test_finite_but_huge_updates_cannot_overflow_the_model():
     assert "overflow" in second.rejected[0] and second.accepted == [1]
     assert all(torch.isfinite(v).all() for v in g.values())
     _, bounded = server_round(codec, spec, {t.name: torch.zeros(t.shape) for t in spec.tensors}, 1,
-                              {0: (big, 1.0)}, max_update_norm=10.0)
+                              {0: (big, 1.0)}, defense=Defense(max_update_norm=10.0))
     assert "(norm)" in bounded.rejected[0]
 
 

@@ -31,12 +31,14 @@ from hypothesis import strategies as st
 from fedcodec.codecs import Codec, CodecContext, ModelSpec, Uplink, available_codecs, build_uplink, wire
 from fedcodec.errors import PayloadError
 from fedcodec.fl.server import aggregate, server_round
+from fedcodec.fl.robust import Defense, invalid_statistics
 from helpers import ctx, random_update, tiny_spec
 
 # every codec with its defaults, and every symbol-writing codec with its entropy stage ("name+ec")
 CODECS = sorted(available_codecs()) + sorted(f"{n}+ec" for n, info in available_codecs().items()
                                              if info.codec.symbolic)
 N_VALID = 3  # valid payloads per codec and spec that the mutations start from
+SEED = 0x5EED  # the codec seed of every valid payload (FedMRN sends it; decoders are told it)
 
 
 def fuzz_settings(max_examples: int, deadline_s: float = 2.0) -> settings:
@@ -94,7 +96,8 @@ def case(name: str, model: str = "tiny") -> Case:
         message = setup.fit([random_update(spec, seed=50 + j, scale=0.01) for j in range(4)], first)
         setup.accept_setup(message, CodecContext(spec, client=0, round=1, state=server_store))
     c = Case(name, uplink, codec, spec, (), client_store, server_store)
-    valid = tuple(codec.encode(random_update(spec, seed=i, scale=0.01 * 10 ** i), c.encode_ctx(100 + i, i))
+    # one codec seed for all (FedMRN binds its payload to the client-round's seed; the decoder is given it)
+    valid = tuple(codec.encode(random_update(spec, seed=i, scale=0.01 * 10 ** i), c.encode_ctx(SEED, i))
                   for i in range(N_VALID))
     return dataclasses.replace(c, valid=valid)
 
@@ -151,7 +154,7 @@ def zero_model(spec: ModelSpec) -> dict[str, torch.Tensor]:
 
 
 def check_decode(c: Case, payload: bytes, client: int = 5, hang_s: float = 20.0,
-                 reference: dict[str, torch.Tensor] | None = None) -> dict | None:
+                 reference: dict[str, torch.Tensor] | None = None, seed: int = None) -> dict | None:
     """Decode ``payload``: return the update if it is well formed, None if it was rejected properly.
 
     ``reference`` (the model the update is relative to; FedPM needs one) defaults to the zero model,
@@ -161,7 +164,7 @@ def check_decode(c: Case, payload: bytes, client: int = 5, hang_s: float = 20.0,
     with no_hang(hang_s):
         try:
             out = c.codec.decode(payload, CodecContext(c.spec, client=client, round=1, reference=ref,
-                                                       state=c.server_store))
+                                                       seed=SEED if seed is None else seed, state=c.server_store))
         except PayloadError as err:
             assert err.client == client, err
             assert f"client {client}" in str(err)
@@ -458,14 +461,19 @@ def test_server_round_never_poisons_the_global_model(name, data, min_clients):
             payload = data.draw(fuzzed_payloads(c))
         payloads[client] = (payload, data.draw(st.floats(1.0, 1000.0)))
     global_params = random_update(c.spec, seed=99, scale=0.1)
+    global_params["bn.running_var"] = global_params["bn.running_var"].abs() + 1  # a valid model
     stores = {client: c.server_store for client in payloads} if c.server_store is not None else None
-    new, outcome = server_round(c.uplink, c.spec, global_params, 1, payloads, min_clients=min_clients, stores=stores)
+    defense = Defense(replay_window=0)  # fuzzed copies of a valid payload are not replays here
+    new, outcome = server_round(c.uplink, c.spec, global_params, 1, payloads, min_clients=min_clients, stores=stores,
+                                defense=defense, seed_of=lambda client: client)
 
     assert sorted(outcome.accepted + list(outcome.rejected)) == sorted(payloads)
     assert not set(outcome.accepted) & set(outcome.rejected)
     expected = []
     for client, (payload, weight) in sorted(payloads.items()):
-        upd = check_decode(c, payload, client, reference=global_params)
+        upd = check_decode(c, payload, client, reference=global_params, seed=client)
+        if upd is not None and invalid_statistics(global_params, upd):  # a valid encoding of an invalid model
+            upd = None
         if upd is None:
             assert client in outcome.rejected and f"client {client}" in outcome.rejected[client]
         else:
@@ -475,6 +483,7 @@ def test_server_round_never_poisons_the_global_model(name, data, min_clients):
         assert new[t.name].dtype == torch.float32 and tuple(new[t.name].shape) == t.shape
         assert bool(torch.isfinite(new[t.name]).all()), t.name
     # rejected payloads leave no trace: the model is what the accepted ones alone make
-    want = aggregate(c.spec, global_params, expected, c.uplink.algorithm) if len(expected) >= min_clients else global_params
+    want = (aggregate(c.spec, global_params, expected, c.uplink.algorithm, defense=defense)
+            if len(expected) >= min_clients else global_params)
     for t in c.spec.tensors:
         assert torch.equal(new[t.name], want[t.name]), t.name

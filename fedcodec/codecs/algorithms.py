@@ -83,6 +83,12 @@ class Algorithm:
         triples sorted by client id. Default: the weight-normalised mean."""
         return weighted_mean(spec, updates)
 
+    def own_aggregate(self, spec: ModelSpec) -> list[str]:
+        """The tensors :meth:`aggregate` does not average (FedPM's posterior, signSGD's vote): each
+        client's influence on them is bounded by the rule itself, so the server's clipping and
+        robust aggregators (:mod:`fedcodec.fl.robust`) leave them alone. Default: none."""
+        return []
+
     def eval_params(self, params: Update, spec: ModelSpec, seed: int) -> Update:
         """The weights to evaluate for global model ``params`` (FedPM samples a mask from them)."""
         return params

@@ -227,6 +227,10 @@ class AESetup(Setup):
                 arr = reader.array(dtype, int(np.prod(shape)), f"decoder layer {i} {kind}").astype(np.float32)
                 if not np.isfinite(arr).all():
                     raise PayloadError("nonfinite", f"decoder layer {i} {kind} holds NaN or Inf")
+                if arr.size and float(np.abs(arr).max()) > MAX_DECODER_WEIGHT:
+                    raise PayloadError("decoder", f"decoder layer {i} {kind} holds a weight of magnitude "
+                                                  f"{float(np.abs(arr).max()):.4g} > {MAX_DECODER_WEIGHT:g}; a "
+                                                  "decoder fitted to normalised chunks has weights of order 1")
                 out[f"{KEY}dec/{i}.{kind}"] = torch.from_numpy(arr.reshape(shape))
         reader.finish()
         return out
@@ -466,6 +470,10 @@ class AECodec(Codec):
         plain = reader.array(self.plain_dtype, n_dense, "dense values").astype(np.float32)
         out.update(self.from_log(ctx.spec.unflatten(plain, dense), ctx))
         return out
+
+
+#: the largest decoder weight a server accepts (an honest decoder maps unit-RMS chunks: weights of order 1)
+MAX_DECODER_WEIGHT = 1e4
 
 
 def fingerprint(message: bytes) -> bytes:

@@ -6,7 +6,10 @@ train normally and travel as float32. The uplink body is::
     seed u64 | mask kind u8 | noise kind u8 | alpha f32 | mask bits ceil(n/8) | float32 dense values
 
 The server regenerates the noise from the seed with the same generator (NumPy's PCG64, whose bit
-stream is stable across platforms and versions) and rebuilds ``noise * mask`` exactly.
+stream is stable across platforms and versions) and rebuilds ``noise * mask`` exactly. The fields
+are bound to the run: the mask kind, noise kind and alpha must be the configured ones and the seed
+the one derived for (run, round, client) (:attr:`CodecContext.seed` on the server), so a client
+cannot choose its own scale, and a payload replayed from another round or client is rejected.
 
 The mask bits are one symbol section (:mod:`fedcodec.codecs.symbols`): packed 8 per byte, or with
 ``entropy=true`` range coded with one two-pass model per bucket of the noise magnitude ``|N|``.
@@ -203,10 +206,16 @@ class FedMRNCodec(KernelCodec):
         seed = reader.u64("seed")
         mask_i, noise_i = reader.u8("mask kind"), reader.u8("noise kind")
         alpha = reader.f32("alpha")
+        o = self.options
         if mask_i >= len(MASKS) or noise_i >= len(NOISES):
             raise PayloadError("field", f"unknown mask kind {mask_i} or noise kind {noise_i}")
-        if not (np.isfinite(alpha) and 0 < alpha <= 1e3):
-            raise PayloadError("field", f"alpha {alpha} is not a positive finite scale")
+        if (MASKS[mask_i], NOISES[noise_i], alpha) != (o.mask, o.noise, o.alpha):
+            # the run fixes them: a client may not pick its own scale (alpha x 1000 is a boosted update)
+            raise PayloadError("binding", f"mask {MASKS[mask_i]}, noise {NOISES[noise_i]}, alpha {alpha:.8g}; this "
+                                          f"run uses mask {o.mask}, noise {o.noise}, alpha {o.alpha:.8g}")
+        if seed != ctx.seed:
+            raise PayloadError("binding", f"seed {seed:#x} is not this client-round's seed: the payload was made "
+                                          "for another round or client (a replay)")
         if not self.entropy:
             self.check_size(reader, ctx, (n + 7) // 8, " after its fields")
         values = make_noise(seed, n, NOISES[noise_i], alpha)

@@ -201,6 +201,9 @@ class FedPM(FrozenWeights, Algorithm):
             out[name] = w0 * 0.5
         return out
 
+    def own_aggregate(self, spec: ModelSpec) -> list[str]:
+        return [t.name for t in split_specs(spec)[0]]
+
     def aggregate(self, spec: ModelSpec, global_params: Update,
                   updates: list[tuple[int, float, Update]]) -> dict[str, torch.Tensor]:
         dense = split_specs(spec)[1]

@@ -102,8 +102,8 @@ class QSGDCodec(KernelCodec):
     def decode_kernels(self, reader: BodyReader, compressed: list[TensorSpec], ctx: CodecContext) -> np.ndarray:
         n = sum(t.numel for t in compressed)
         levels = reader.u8("levels")
-        if not 1 <= levels <= MAX_LEVELS:
-            raise PayloadError("field", f"levels {levels} outside 1..{MAX_LEVELS}")
+        if levels != self.options.levels:
+            raise PayloadError("binding", f"levels {levels}; this run quantizes to {self.options.levels} levels")
         maxima = read_scales(reader, len(compressed), "tensor maxima")
         if not self.entropy:
             self.check_size(reader, ctx, fixed_size(n, levels + 1), " after the scales")

@@ -74,6 +74,9 @@ class SignSGD(Algorithm):
 
     options: SignSGDOptions
 
+    def own_aggregate(self, spec: ModelSpec) -> list[str]:
+        return [t.name for t in split_specs(spec)[0]] if self.options.vote else []
+
     def aggregate(self, spec: ModelSpec, global_params: Update,
                   updates: list[tuple[int, float, Update]]) -> dict[str, torch.Tensor]:
         if not self.options.vote:

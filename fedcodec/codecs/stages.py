@@ -55,8 +55,8 @@ class ErrorFeedback:
         payload = self.codec.encode(compensated, ctx)
         # the client decodes with its own store: a codec whose decoder lives there (AE) needs it
         try:
-            seen = self.codec.decode(payload, CodecContext(ctx.spec, ctx.client, ctx.round, reference=ctx.reference,
-                                                           state=ctx.state))
+            seen = self.codec.decode(payload, CodecContext(ctx.spec, ctx.client, ctx.round, seed=ctx.seed,
+                                                           reference=ctx.reference, state=ctx.state))
         except PayloadError as err:  # the server will reject it too; start the memory afresh, don't crash
             log.warning("client %s, round %d: own payload does not decode (%s); error-feedback memory reset",
                         ctx.client, ctx.round, err.detail)

@@ -146,6 +146,9 @@ class TopKCodec(KernelCodec):
         k = reader.u32("k")
         if k > n:
             raise PayloadError("field", f"k = {k} kept values, but the model has only {n} compressed weights")
+        if k > keep_count(self.options.fraction, n):
+            raise PayloadError("binding", f"k = {k} kept values; this run keeps {keep_count(self.options.fraction, n)}"
+                                          f" (fraction {self.options.fraction:g} of {n})")
         classes = reader.symbols(k, CLASSES, "gap classes")
         if k and (classes.min() < 1):
             raise PayloadError("field", "gap class 0 outside 1..32")

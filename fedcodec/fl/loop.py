@@ -185,6 +185,25 @@ def ingest(sim, state, plan: RoundPlan, replies: dict[int, Reply]) -> Inbox:
     return inbox
 
 
+#: the record namespace of the metrics clients report (the server's own fields can't be overwritten)
+CLIENT_METRICS = "client/"
+
+
+def client_metrics(reported: list[dict]) -> dict[str, float]:
+    """The mean of each metric the round's clients reported, as ``client/<name>``. Only finite
+    real numbers under short string names count; anything else is logged and left out."""
+    values: dict[str, list[float]] = {}
+    for metrics in reported:
+        for key, value in metrics.items():
+            if (isinstance(key, str) and 0 < len(key) <= 64 and isinstance(value, (int, float, np.number))
+                    and not isinstance(value, (bool, np.bool_)) and math.isfinite(float(value))):
+                values.setdefault(key, []).append(float(value))
+            else:
+                log.warning("client metric %.80r = %.80r ignored: a metric is a finite number under a name of "
+                            "1..64 characters", key, value)
+    return {CLIENT_METRICS + k: float(np.mean(v)) for k, v in sorted(values.items())}
+
+
 def run_round(sim, state, transport: Transport, callbacks: tuple[Callback, ...] = ()):
     """Advance ``state`` by one round through ``transport``; append the round's record and return
     ``state``. ``callbacks(state, report)`` run after the record is in (checkpoints, files)."""
@@ -204,8 +223,9 @@ def run_round(sim, state, transport: Transport, callbacks: tuple[Callback, ...] 
         return new
 
     new_params, outcome = server_round(sim.runtime.uplink, sim.spec, state.global_params, plan.round,
-                                       inbox.payloads, cfg.min_clients, cfg.max_update_norm, plan.views,
-                                       inbox.setups, state.server_states, apply=optimizer_step)
+                                       inbox.payloads, cfg.min_clients, sim.defense, plan.views,
+                                       inbox.setups, state.server_states, apply=optimizer_step,
+                                       seed_of=lambda c: rngs.codec_seed(sim.runtime.run_seed, plan.round, c))
     if new_params is not state.global_params and "state" in taken:  # the step was taken and kept
         state.optimizer_state = taken["state"]
     record = {"round": plan.round, "clients": len(plan.clients), "accepted": len(outcome.accepted),
@@ -216,8 +236,7 @@ def run_round(sim, state, transport: Transport, callbacks: tuple[Callback, ...] 
               "seconds": time.perf_counter() - t0}
     if inbox.setups:
         record["setup_bytes"] = sum(len(b) for b in inbox.setups.values())
-    for key in sorted({k for m in inbox.metrics for k in m}):
-        record[key] = float(np.mean([m[key] for m in inbox.metrics if key in m]))
+    record.update(client_metrics(inbox.metrics))
     if plan.round % cfg.eval_every == 0 or plan.round == cfg.rounds:
         t1 = time.perf_counter()
         record.update(sim.evaluate_round(new_params, state))

@@ -19,6 +19,12 @@ def derive_seed(*path: int) -> int:
     return int(lo) | (int(hi) << 32)
 
 
+def codec_seed(run_seed: int, round_num: int, client: int) -> int:
+    """The seed of client ``client``'s codec in round ``round_num`` (FedMRN's noise; the codec may
+    send it, and the server checks that it is this one)."""
+    return derive_seed(run_seed, round_num, CLIENT_NOISE, client)
+
+
 def torch_generator(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed & 0x7FFF_FFFF_FFFF_FFFF)
 

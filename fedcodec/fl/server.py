@@ -14,6 +14,8 @@ import torch
 from ..codecs import Algorithm, CodecContext, ModelSpec, Update, Uplink
 from ..codecs.algorithms import weighted_mean
 from ..errors import PayloadError
+from . import robust
+from .robust import Defense
 
 log = logging.getLogger("fedcodec.server")
 
@@ -48,14 +50,24 @@ ApplyStep = Callable[[Update, dict[str, torch.Tensor]], Update]
 
 
 def aggregate(spec: ModelSpec, global_params: Update, updates: list[tuple[int, float, Update]],
-              algorithm: Algorithm | None = None, apply: ApplyStep | None = None) -> Update:
+              algorithm: Algorithm | None = None, apply: ApplyStep | None = None,
+              defense: Defense | None = None, round_num: int = 0) -> Update:
     """Global + the algorithm's aggregate of the updates (default: the example-weighted mean),
     summed in client-id order in float64; ``apply`` (a server optimizer's step) decides how the
-    aggregate moves the model, else it is added."""
+    aggregate moves the model, else it is added.
+
+    ``defense`` (None: no defence) clips the updates and may replace the mean by a robust rule
+    (:mod:`fedcodec.fl.robust`)."""
     if not updates:
         return global_params
     updates = sorted(updates, key=lambda u: u[0])
+    names = robust.robust_names(algorithm, spec)
+    if defense is not None:
+        clipped = spec.names if algorithm is None or algorithm.additive_step else names
+        updates = robust.clip(updates, robust.groups(spec, clipped), defense.clip_factor, round_num)
     step = algorithm.aggregate(spec, global_params, updates) if algorithm is not None else weighted_mean(spec, updates)
+    if defense is not None and defense.aggregator != "mean" and len(updates) >= robust.MIN_ROBUST:
+        step = step | robust.robust_mean(updates, names, defense)
     if apply is not None:
         return apply(global_params, step)
     return {t.name: (global_params[t.name].to(torch.float64) + step[t.name]).to(torch.float32)
@@ -64,17 +76,22 @@ def aggregate(spec: ModelSpec, global_params: Update, updates: list[tuple[int, f
 
 def server_round(uplink: Uplink, spec: ModelSpec, global_params: Update, round_num: int,
                  payloads: dict[int, tuple[bytes, float]], min_clients: int = 1,
-                 max_update_norm: float | None = None,
+                 defense: Defense | None = None,
                  references: dict[int, Update] | None = None,
                  setups: dict[int, bytes] | None = None,
                  stores: dict[int, dict[str, torch.Tensor]] | None = None,
-                 apply: ApplyStep | None = None) -> tuple[Update, RoundOutcome]:
+                 apply: ApplyStep | None = None,
+                 seed_of: Callable[[int], int] | None = None) -> tuple[Update, RoundOutcome]:
     """Decode ``payloads`` ({client: (bytes, weight)}), reject bad ones, aggregate the rest.
 
     A rejected payload is logged with the client and the reason and leaves no trace in the model. If
     fewer than ``min_clients`` payloads decode, the global model is kept unchanged for this round.
-    With ``max_update_norm``, an update whose L2 norm exceeds it is rejected too. ``references``
-    holds the model each client trained from, when it is not ``global_params`` (lossy downlink).
+    ``defense`` (default: :class:`~fedcodec.fl.robust.Defense()`, the defaults of every run) rejects
+    replays, invalid BatchNorm statistics and, with ``max_update_norm``, updates of a larger L2 norm,
+    then clips and aggregates robustly (:mod:`fedcodec.fl.robust`). ``references`` holds the model
+    each client trained from, when it is not ``global_params`` (lossy downlink). ``seed_of(client)``
+    is the seed derived for the client's round (:func:`fedcodec.fl.rng.codec_seed`); a codec that
+    sends its seed (FedMRN) must send exactly that one.
 
     ``setups`` holds codec setup messages (an AE client's decoder), accepted into ``stores`` (the
     server's per-client stores) before any payload is decoded; a setup message may arrive without a
@@ -83,9 +100,12 @@ def server_round(uplink: Uplink, spec: ModelSpec, global_params: Update, round_n
     ``apply`` is the server optimizer's step (see :func:`aggregate`). A round that keeps the global
     model unchanged returns ``global_params`` itself, so a caller can tell whether the step was taken.
     """
+    defense = defense if defense is not None else Defense()
     outcome = RoundOutcome()
     decoded = []
     failed_setup: dict[int, str] = {}
+    replays = robust.ReplayGuard(stores, defense.replay_window)
+    twins = robust.same_round_copies(payloads) if defense.replay_window else {}
     for client in sorted(setups or {}):
         try:
             if uplink.setup is None:
@@ -101,28 +121,39 @@ def server_round(uplink: Uplink, spec: ModelSpec, global_params: Update, round_n
         try:
             if client in failed_setup:
                 raise PayloadError("setup", f"its setup message was rejected ({failed_setup[client]})", client)
+            why = twins.get(client) or replays.replayed(data)
+            if why is not None:
+                raise PayloadError("replay", why, client)
             ref = references.get(client, global_params) if references else global_params
             store = stores.get(client) if stores is not None else None
-            upd = uplink.decode(data, CodecContext(spec, client=client, round=round_num, reference=ref, state=store))
+            seed = seed_of(client) if seed_of is not None else 0
+            upd = uplink.decode(data, CodecContext(spec, client=client, round=round_num, seed=seed, reference=ref,
+                                                   state=store))
             name = overflows(global_params, upd)
             if name is not None:
                 raise PayloadError("overflow", f"tensor {name!r} would leave the float32 range once applied", client)
-            if max_update_norm is not None:
+            why = robust.invalid_statistics(ref, upd)
+            if why is not None:
+                raise PayloadError("statistics", why, client)
+            if defense.max_update_norm is not None:
                 norm = update_norm(upd)
-                if not norm <= max_update_norm:
-                    raise PayloadError("norm", f"update L2 norm {norm:.4g} exceeds the bound {max_update_norm:.4g}",
-                                       client)
+                if not norm <= defense.max_update_norm:
+                    raise PayloadError("norm", f"update L2 norm {norm:.4g} exceeds the bound "
+                                               f"{defense.max_update_norm:.4g}", client)
         except PayloadError as err:
             log.warning("round %d: %s", round_num, err)
             outcome.rejected[client] = str(err)
             continue
         decoded.append((client, weight, upd))
         outcome.accepted.append(client)
+    for client in outcome.accepted:
+        replays.remember(client, payloads[client][0])
     if len(decoded) < min_clients:
         log.warning("round %d: only %d of %d payloads usable (< %d); global model unchanged",
                     round_num, len(decoded), len(payloads), min_clients)
         return global_params, outcome
-    new = aggregate(spec, global_params, decoded, uplink.algorithm, apply)
+    new = aggregate(spec, global_params, decoded, uplink.algorithm, apply, defense, round_num)
+    new = robust.check_statistics(global_params, new, round_num)
     if not all(torch.isfinite(t).all() for t in new.values()):  # defence in depth; overflows() prevents it
         log.error("round %d: aggregate is not finite; global model unchanged", round_num)
         return global_params, outcome

@@ -24,6 +24,7 @@ from . import rng as rngs
 from .client import ClientRuntime, LocalTraining
 from .downlink import Downlink
 from .ledger import Ledger
+from .robust import Defense
 from .server_opt import ServerOptimizer, ServerOptimizerConfig
 from .task import Classification
 
@@ -87,6 +88,11 @@ class Simulation:
     def server_optimizer(self) -> ServerOptimizer:
         """How a round's aggregate moves the global model (config ``server_optimizer``)."""
         return ServerOptimizer(self.spec, ServerOptimizerConfig.from_config(self.cfg))
+
+    @cached_property
+    def defense(self) -> Defense:
+        """The server's defences against hostile updates (config ``aggregator``, ``clip_factor``, ...)."""
+        return Defense.from_config(self.cfg)
 
     def client_data(self, client: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Client ``client``'s training inputs and targets."""
