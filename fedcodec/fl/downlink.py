@@ -198,9 +198,10 @@ class Downlink:
         replica = _read(client_state, self.spec, self.initial)
         try:
             if kind == STEP:
-                if base != model_hash(replica, self.spec):
+                held = model_hash(replica, self.spec)
+                if base != held:
                     raise DownlinkError("out-of-sync", f"the step was made for a copy of the model with hash "
-                                                       f"{base.hex()}, this client holds {model_hash(replica, self.spec).hex()}")
+                                                       f"{base.hex()}, this client holds {held.hex()}")
                 step = self.codec.decode(body, self._ctx(round_num, client))
                 view = {n: replica[n] + step[n] for n in replica}
             elif kind == FULL:
