@@ -210,7 +210,11 @@ def prepass(runtime: ClientRuntime, global_params: Update, x: torch.Tensor, y: t
 def client_receive(runtime: ClientRuntime, broadcast: bytes, round_num: int, client: int,
                    state: dict[str, torch.Tensor] | None = None) -> Update:
     """A client takes in the round's broadcast and nothing more (it fails before training): under a
-    delta downlink its copy of the model advances as the server's replica of it did."""
+    delta downlink its copy of the model advances as the server's replica of it did.
+
+    Raises :class:`~fedcodec.fl.downlink.DownlinkError` (a ``PayloadError``) for a broadcast the
+    client cannot take in (out of sync with its copy, non-finite, malformed); ``state`` is then
+    unchanged, and the caller answers "downlink out of sync" (``refusal_reason``) instead of training."""
     return runtime.downlink.receive(broadcast, round_num, client, state)
 
 
@@ -227,7 +231,10 @@ def client_fit(runtime: ClientRuntime, broadcast: bytes, x: torch.Tensor, y: tor
     before the payload: the AE's decoder). ``info["codec"]`` holds the codec's metrics.
 
     A model with client-local tensors (``runtime.local``) trains them from the client's store and puts
-    them back there; only the shared tensors (``runtime.spec``) are in the update."""
+    them back there; only the shared tensors (``runtime.spec``) are in the update.
+
+    A broadcast the client cannot take in raises :class:`~fedcodec.fl.downlink.DownlinkError` before
+    anything is trained or stored (see :func:`client_receive`)."""
     global_params = runtime.downlink.receive(broadcast, round_num, client, state)
     seed = rngs.derive_seed(runtime.run_seed, round_num, rngs.CLIENT_NOISE, client)
     metrics: dict[str, float] = {}

@@ -39,6 +39,7 @@ import numpy as np
 from ..codecs import Update
 from . import rng as rngs
 from .client import client_fit, client_receive
+from .downlink import DownlinkError, refusal_reason
 from .server import RoundOutcome, server_round
 
 log = logging.getLogger("fedcodec.loop")
@@ -75,6 +76,9 @@ class Reply:
     train_loss: float = math.nan
     metrics: dict[str, float] = field(default_factory=dict)  # the codec's metrics of this message
     reason: str = ""  # why it was dropped or timed out
+    #: the client refused its broadcast and kept its copy of the model as it was (a delta downlink's
+    #: replica of it is now unknown: the next broadcast to it is the whole model). Status DROPPED.
+    resync: bool = False
 
 
 class Transport(Protocol):
@@ -130,13 +134,17 @@ class InProcessTransport:
         sim, replies = self.sim, {}
         for c in plan.clients:
             store = state.client_states.setdefault(c, {})
-            if c in plan.dropout:
-                client_receive(sim.runtime, plan.broadcasts[c], plan.round, c, store)
-                replies[c] = Reply(c, DROPPED, reason="simulated dropout")
+            try:
+                if c in plan.dropout:
+                    client_receive(sim.runtime, plan.broadcasts[c], plan.round, c, store)
+                    replies[c] = Reply(c, DROPPED, reason="simulated dropout")
+                    continue
+                x, y = sim.client_data(c)
+                payload, info = client_fit(sim.runtime, plan.broadcasts[c], x, y, sim.training, plan.round, c,
+                                           state=store)
+            except DownlinkError as err:  # its store is as it was; it answers instead of training
+                replies[c] = Reply(c, DROPPED, reason=refusal_reason(err.reason, err.detail), resync=True)
                 continue
-            x, y = sim.client_data(c)
-            payload, info = client_fit(sim.runtime, plan.broadcasts[c], x, y, sim.training, plan.round, c,
-                                       state=store)
             replies[c] = Reply(c, TIMED_OUT if c in plan.late else OK, payload=payload, setup=info.get("setup"),
                                num_examples=info["num_examples"], train_loss=info["train_loss"],
                                metrics=info.get("codec", {}),
@@ -174,6 +182,8 @@ def ingest(sim, state, plan: RoundPlan, replies: dict[int, Reply]) -> Inbox:
             inbox.metrics.append(reply.metrics)
         if reply.status == DROPPED:
             inbox.dropped[c] = reply.reason
+            if reply.resync:  # its copy of the model is not the server's replica any more
+                runtime.downlink.forget(state.server_states, c)
         elif reply.status == TIMED_OUT:
             inbox.timed_out[c] = reply.reason
         elif reply.payload is not None:

@@ -9,8 +9,17 @@ Messages (Message API):
   plus ``MetricRecord {"num-examples", "train-loss"}``. The payload is the codec's bitstream as raw
   bytes; no float tensors travel up. ``simulate = "dropout"`` (the config's simulated ``dropout``):
   the client takes in the broadcast and answers ``{"dropped": true, "client": int}`` without training;
-  ``"straggler"`` changes nothing here (the server treats the answer as late). The message format is
-  :mod:`fedcodec.flower.transport`'s.
+  ``"straggler"`` changes nothing here (the server treats the answer as late). A broadcast the client
+  cannot take in (out of sync with its copy of the model under a delta downlink, non-finite,
+  malformed: :class:`~fedcodec.fl.downlink.DownlinkError`) leaves its state as it was, and it answers
+  ``{"client": int, "refused-broadcast": reason, "detail": str}`` instead of training; the server
+  then sends it the whole model. A ``train-loss`` or codec metric that is not finite is left out of
+  the MetricRecord (the server takes a missing loss as NaN and refuses non-finite numbers). The
+  message format is :mod:`fedcodec.flower.transport`'s.
+
+Test hook: a SuperNode started with ``--node-config '... fedcodec-test-garbage=true'`` answers every
+train message with a malformed reply (a different defect each round), as a broken or hostile node
+would; the ServerApp must count it as failed and carry on.
 
 The client's private store (error-feedback memory, its model copy under a delta downlink) lives in
 the node's ``context.state`` as an ArrayRecord, which the SuperNode keeps between messages of a run;
@@ -21,6 +30,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -31,6 +41,7 @@ from .common import METRICS, RECORD, SIMULATE_DROPOUT, ensure_logging, parse_run
 log = logging.getLogger("fedcodec.flower.client")
 app = ClientApp()
 STATE = "fedcodec-client-state"
+TEST_GARBAGE = "fedcodec-test-garbage"  # node-config key of the test hook (module docstring)
 
 # The dataset, model and codecs are built once per run config and process. This helps in Flower's
 # simulation engine, whose Ray actors serve many messages; in deployment, Flower 1.41 starts a fresh
@@ -82,6 +93,7 @@ def train(msg: Message, context: Context) -> Message:
     t0 = time.perf_counter()
     ensure_logging()
     from ..fl.client import client_fit, client_receive
+    from ..fl.downlink import DownlinkError
 
     pid, num = partition_of(context)
     sim, settings = _simulation(context)
@@ -94,15 +106,22 @@ def train(msg: Message, context: Context) -> Message:
         raise ValueError("a train message needs round (int), client (int) and broadcast (bytes)")
     if client != pid:
         raise ValueError(f"message for client {client} reached the node holding partition {pid}")
+    if context.node_config.get(TEST_GARBAGE) is True:
+        return garbage_reply(msg, pid, round_num)
     store = context.state[STATE].to_torch_state_dict() if STATE in context.state else {}
-    if rec.get("simulate") == SIMULATE_DROPOUT:  # the config's simulated failure: broadcast in, nothing out
-        client_receive(sim.runtime, broadcast, round_num, pid, state=store)
-        if store:
-            context.state[STATE] = ArrayRecord(torch_state_dict=store)
-        log.info("round %d, client %d: simulated dropout", round_num, pid)
-        return Message(RecordDict({RECORD: ConfigRecord({"dropped": True, "client": pid})}), reply_to=msg)
-    x, y = sim.client_data(pid)
-    payload, info = client_fit(sim.runtime, broadcast, x, y, sim.training, round_num, pid, state=store)
+    try:
+        if rec.get("simulate") == SIMULATE_DROPOUT:  # the config's simulated failure: broadcast in, nothing out
+            client_receive(sim.runtime, broadcast, round_num, pid, state=store)
+            if store:
+                context.state[STATE] = ArrayRecord(torch_state_dict=store)
+            log.info("round %d, client %d: simulated dropout", round_num, pid)
+            return Message(RecordDict({RECORD: ConfigRecord({"dropped": True, "client": pid})}), reply_to=msg)
+        x, y = sim.client_data(pid)
+        payload, info = client_fit(sim.runtime, broadcast, x, y, sim.training, round_num, pid, state=store)
+    except DownlinkError as err:  # nothing was stored: context.state keeps the old copy
+        log.warning("round %d: %s", round_num, err)
+        return Message(RecordDict({RECORD: ConfigRecord({"client": pid, "refused-broadcast": err.reason,
+                                                         "detail": err.detail})}), reply_to=msg)
     if store:
         context.state[STATE] = ArrayRecord(torch_state_dict=store)
     if settings.corrupt_partition == pid:  # test hook: a byte flipped in transit (same length)
@@ -115,10 +134,29 @@ def train(msg: Message, context: Context) -> Message:
     reply = {"payload": payload, "client": pid}
     if "setup" in info:  # the codec's setup message (an AE client's decoder), sent with the payload
         reply["setup"] = info["setup"]
-    codec_metrics = {f"codec-{k}": float(v) for k, v in info.get("codec", {}).items()}
+    numbers = {"train-loss": float(info["train_loss"])} | {f"codec-{k}": float(v)
+                                                           for k, v in info.get("codec", {}).items()}
     content = RecordDict({
         RECORD: ConfigRecord(reply),
-        METRICS: MetricRecord({"num-examples": int(info["num_examples"]), "train-loss": float(info["train_loss"])}
-                              | codec_metrics),
+        METRICS: MetricRecord({"num-examples": int(info["num_examples"])}
+                              | {k: v for k, v in numbers.items() if math.isfinite(v)}),
     })
+    return Message(content, reply_to=msg)
+
+
+def garbage_reply(msg: Message, pid: int, round_num: int) -> Message:
+    """The test hook's malformed answer (``fedcodec-test-garbage``): a different defect each round."""
+    kind = round_num % 4
+    log.warning("round %d: partition %d answers garbage #%d (%s)", round_num, pid, kind, TEST_GARBAGE)
+    if kind == 0:  # a payload that is not bytes, a metric that is a list
+        content = RecordDict({RECORD: ConfigRecord({"payload": "not bytes", "client": pid}),
+                              METRICS: MetricRecord({"num-examples": [1, 2], "train-loss": 0.5})})
+    elif kind == 1:  # a well-formed reply for another client
+        content = RecordDict({RECORD: ConfigRecord({"payload": b"\0" * 64, "client": pid + 1}),
+                              METRICS: MetricRecord({"num-examples": 10, "train-loss": 0.5})})
+    elif kind == 2:  # a non-finite loss
+        content = RecordDict({RECORD: ConfigRecord({"payload": b"\0" * 64, "client": pid}),
+                              METRICS: MetricRecord({"num-examples": 10, "train-loss": float("inf")})})
+    else:  # the record under the wrong type, and no metrics
+        content = RecordDict({RECORD: MetricRecord({"client": pid, "payload": 1.0})})
     return Message(content, reply_to=msg)

@@ -185,7 +185,8 @@ class LocalFederation:
     """A SuperLink and ``num_nodes`` SuperNodes on 127.0.0.1 (or a simulation SuperLink).
 
     Use as a context manager; ``run()`` submits the app with ``flwr run`` and waits for it.
-    SuperNode ``i`` gets ``--node-config 'partition-id=i num-partitions=num_nodes'``.
+    SuperNode ``i`` gets ``--node-config 'partition-id=i num-partitions=num_nodes'``, followed by
+    ``node_configs[i]`` where given (more ``key=value`` pairs, e.g. a test hook of the ClientApp).
 
     By default every connection uses TLS (a throwaway CA from :func:`make_certificates`) and the
     SuperLink only admits SuperNodes whose public keys were registered with ``flwr supernode
@@ -194,8 +195,9 @@ class LocalFederation:
     """
 
     def __init__(self, num_nodes: int, workdir: str | Path | None = None, simulation: bool = False,
-                 insecure: bool = False, startup_timeout: float = 60.0):
+                 insecure: bool = False, startup_timeout: float = 60.0, node_configs: dict[int, str] | None = None):
         self.num_nodes = num_nodes
+        self.node_configs = dict(node_configs or {})
         self.simulation = simulation
         self.insecure = insecure
         self.startup_timeout = startup_timeout
@@ -258,7 +260,8 @@ class LocalFederation:
         appended to ``self.nodes`` (SuperNode ``i`` of :meth:`start` is ``self.nodes[i]``)."""
         insecure = self.insecure if insecure is None else insecure
         args = [_exe("flower-supernode"), "--superlink", f"127.0.0.1:{self.port}", "--port", str(free_port()),
-                "--node-config", f"partition-id={partition} num-partitions={self.num_nodes}"]
+                "--node-config", f"partition-id={partition} num-partitions={self.num_nodes} "
+                                 f"{self.node_configs.get(partition, '')}".strip()]
         if insecure:
             args.append("--insecure")
         else:

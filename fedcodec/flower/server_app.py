@@ -5,10 +5,10 @@ evaluation are the in-process engine's own code, so a Flower run gives the same 
 ledger as ``fedcodec run`` on the same config.
 
 Outputs under ``out-dir``: ``metrics.json``/``metrics.csv``/``ledger.csv`` (as ``fedcodec run``
-writes them), ``model.pt`` (the global model after the last round), ``flower.json`` (node map,
-per-round rejections, drops and timeouts with their reasons) and ``checkpoint.safetensors`` (the
-run state, every ``checkpoint-every`` rounds). With ``resume = true`` a restarted ServerApp
-continues from that checkpoint; see :func:`resume_state` for what that requires.
+writes them), ``model.pt`` (the global model after the last round), ``flower.json`` (node map, the
+nodes ignored at discovery and why, per-round rejections, drops and timeouts with their reasons) and
+``checkpoint.safetensors`` (the run state, every ``checkpoint-every`` rounds). With ``resume = true``
+a restarted ServerApp continues from that checkpoint; see :func:`resume_state` for what that requires.
 """
 
 from __future__ import annotations
@@ -83,21 +83,25 @@ def run_rounds(grid: Grid, cfg, settings: FlowerSettings, out: Path) -> None:
             if (out / "flower.json").exists():
                 events["rounds"] = [r for r in json.loads((out / "flower.json").read_text())["rounds"]
                                     if r["round"] <= state.round]
-    holders = discover(grid, cfg.num_clients, settings.node_wait)
+    ignored: dict[int, str] = {}
+    holders = discover(grid, cfg.num_clients, settings.node_wait, ignored)
     events["nodes"] = {str(p): n for p, n in sorted(holders.items())}
+    events["ignored_nodes"] = {str(n): why for n, why in sorted(ignored.items())}
     transport = FlowerTransport(grid, holders, settings, cfg.min_clients)
 
     def write_outputs(state, report) -> None:
-        record, outcome = report.record, report.outcome
-        events["rounds"].append({"round": record["round"], "sampled": report.plan.clients,
+        # server-side facts only (the plan, the outcome, the inbox): never a key a client could name
+        plan, outcome, inbox, record = report.plan, report.outcome, report.inbox, report.record
+        events["rounds"].append({"round": plan.round, "sampled": plan.clients,
                                  "accepted": outcome.accepted,
                                  "rejected": {str(c): r for c, r in outcome.rejected.items()},
-                                 "dropped": {str(c): why for c, why in sorted(report.inbox.dropped.items())},
-                                 "timed_out": {str(c): why for c, why in sorted(report.inbox.timed_out.items())}})
+                                 "dropped": {str(c): why for c, why in sorted(inbox.dropped.items())},
+                                 "timed_out": {str(c): why for c, why in sorted(inbox.timed_out.items())}})
+        accuracy = record.get("accuracy")
         log.info("round %d: %d/%d accepted, %d rejected, %d dropped, %d timed out, uplink %d B, accuracy %s",
-                 record["round"], record["accepted"], record["clients"], record["rejected"], record["dropped"],
-                 record["timed_out"], record["uplink_bytes"],
-                 f"{record['accuracy']:.4f}" if "accuracy" in record else "-")
+                 plan.round, len(outcome.accepted), len(plan.clients), len(outcome.rejected), len(inbox.dropped),
+                 len(inbox.timed_out), state.ledger.total("up", plan.round),
+                 f"{accuracy:.4f}" if isinstance(accuracy, float) else "-")
         write_method(out, cfg.to_dict(), state.records, summarize(cfg.method, state.records, sim.spec), state.ledger)
         atomic_write_bytes(out / "flower.json", json.dumps(events, indent=1).encode())
         tmp = out / ".model.pt.tmp"
