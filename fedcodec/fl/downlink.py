@@ -135,6 +135,13 @@ class Downlink:
         seed = rngs.derive_seed(self.run_seed, round_num, rngs.DOWNLINK, client + 1)  # -1: everyone
         return CodecContext(self.spec, client=client, round=round_num, seed=seed, rng=rngs.torch_generator(seed))
 
+    def codec_label(self, payload: bytes) -> str:
+        """The codec id a broadcast's ledger row names: the downlink codec's, or ``fp32`` for a
+        delta downlink's FULL resend."""
+        if self.delta and len(payload) >= HEADER_SIZE and payload[0] == FULL:
+            return self.full.codec_id
+        return self.codec.codec_id
+
     def forget(self, server_state: dict[int, dict[str, torch.Tensor]], client: int) -> None:
         """The server no longer knows which model ``client`` holds (it refused a broadcast): its next
         broadcast is the whole model. Nothing to do for a model-mode downlink."""

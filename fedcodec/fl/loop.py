@@ -172,7 +172,10 @@ def ingest(sim, state, plan: RoundPlan, replies: dict[int, Reply]) -> Inbox:
     for c in plan.clients:
         reply = replies.get(c) or Reply(c, DROPPED, reason="no SuperNode holds this partition")
         if c in plan.broadcasts:  # sent, whatever became of it: its bytes crossed the wire
-            state.ledger.record(round_num, c, "down", runtime.downlink.codec.codec_id, plan.broadcasts[c])
+            state.ledger.record(round_num, c, "down", runtime.downlink.codec_label(plan.broadcasts[c]),
+                                plan.broadcasts[c])
+        if reply.client != c:  # a transport must file a reply under the client that sent it
+            reply = Reply(c, DROPPED, reason=f"its reply names client {reply.client!r}")
         if reply.setup is not None:  # sent before the payload, so a straggler's decoder still arrives
             state.ledger.record(round_num, c, "up", f"{runtime.uplink.codec_id}/setup", reply.setup)
             inbox.setups[c] = reply.setup

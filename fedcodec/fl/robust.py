@@ -62,7 +62,7 @@ class Defense:
 
     ``Defense()`` is the default of every run; ``Defense.off()`` is plain FedAvg with no defence
     but the codecs' own checks and the float32 range check, as fedcodec did before robust
-    aggregation existed.
+    aggregation existed (for experiments that measure what the defences prevent).
     """
 
     aggregator: str = "mean"
@@ -71,6 +71,9 @@ class Defense:
     krum_byzantine: int = 1
     replay_window: int = 8  # 0: replays are not checked
     max_update_norm: float | None = None
+    #: reject clients whose BatchNorm variances would be <= 0, check the aggregate's (no config key:
+    #: only :meth:`off` turns it off, to measure what the check prevents)
+    statistics: bool = True
 
     def __post_init__(self) -> None:
         if self.aggregator not in AGGREGATORS:
@@ -87,7 +90,7 @@ class Defense:
 
     @classmethod
     def off(cls) -> "Defense":
-        return cls(clip_factor=0.0, replay_window=0)
+        return cls(clip_factor=0.0, replay_window=0, statistics=False)
 
     @classmethod
     def from_config(cls, cfg) -> "Defense":

@@ -132,7 +132,7 @@ def server_round(uplink: Uplink, spec: ModelSpec, global_params: Update, round_n
             name = overflows(global_params, upd)
             if name is not None:
                 raise PayloadError("overflow", f"tensor {name!r} would leave the float32 range once applied", client)
-            why = robust.invalid_statistics(ref, upd)
+            why = robust.invalid_statistics(ref, upd) if defense.statistics else None
             if why is not None:
                 raise PayloadError("statistics", why, client)
             if defense.max_update_norm is not None:
@@ -153,7 +153,8 @@ def server_round(uplink: Uplink, spec: ModelSpec, global_params: Update, round_n
                     round_num, len(decoded), len(payloads), min_clients)
         return global_params, outcome
     new = aggregate(spec, global_params, decoded, uplink.algorithm, apply, defense, round_num)
-    new = robust.check_statistics(global_params, new, round_num)
+    if defense.statistics:
+        new = robust.check_statistics(global_params, new, round_num)
     if not all(torch.isfinite(t).all() for t in new.values()):  # defence in depth; overflows() prevents it
         log.error("round %d: aggregate is not finite; global model unchanged", round_num)
         return global_params, outcome
