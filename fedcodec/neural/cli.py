@@ -112,7 +112,9 @@ def run(args) -> int:
         unit = "bpp" if kind == "image" else "bits/vector"
         print(f"{src} → {dst}: {len(blob)} bytes ({8 * len(blob) / n:.4f} {unit}, header included)")
         return 0
-    data, kind = coder.decompress(src.read_bytes())
+    from .codec import read_file
+
+    data, kind = coder.decompress(read_file(src))
     if kind == "image":
         pixels = np.clip(np.round(data.transpose(1, 2, 0) * 255), 0, 255).astype(np.uint8)
         from PIL import Image

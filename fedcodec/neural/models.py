@@ -65,6 +65,25 @@ class NTCConfig:
             raise ConfigError(f"model sizes must be >= 1: {self}")
         return self
 
+    @classmethod
+    def parse(cls, value: object) -> "NTCConfig":
+        """An architecture read from a file: exactly the fields, of their types, within
+        :data:`NTC_LIMITS`; anything else raises :class:`ConfigError`."""
+        names = ("kind", *NTC_LIMITS)
+        if not isinstance(value, dict) or not set(value) <= set(names) or not {"kind", "dim", "latent"} <= set(value):
+            raise ConfigError(f"an architecture is an object of {', '.join(names)} (kind, dim, latent required)")
+        if value["kind"] not in ("vector", "image"):
+            raise ConfigError("model kind must be vector or image")
+        for name, top in NTC_LIMITS.items():
+            v = value.get(name, 1)
+            if type(v) is not int or not 1 <= v <= top:
+                raise ConfigError(f"model {name} must be an integer in 1..{top}")
+        return cls(**value).validate()
+
+
+#: the largest architecture a saved codec may declare (each field's maximum)
+NTC_LIMITS = {"dim": 4096, "latent": 1024, "hidden": 4096, "downs": 8}
+
 
 class NTC(nn.Module):
     """Nonlinear transform coding model; ``forward`` is the training pass with uniform noise."""
