@@ -29,6 +29,12 @@ from .errors import ConfigError
 
 #: a ``--config`` file larger than this is refused before it is parsed
 MAX_CONFIG_BYTES = 1 << 20
+#: tables and arrays nested deeper than this in a ``--config`` file are refused (a config needs 2)
+MAX_CONFIG_DEPTH = 16
+#: integer values are 64-bit: |value| < 2**63
+MAX_INT = 2**63 - 1
+#: characters of a string value (paths, names, plugin lists)
+MAX_STR = 4096
 #: strings that leave an optional key unset (``lr = "none"``, Flower's ``lr = ""``)
 UNSET_WORDS = ("", "none", "null")
 _TRUE, _FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
@@ -56,6 +62,8 @@ def _show(value: Any) -> str:
         return "a table"
     if isinstance(value, (list, tuple)):
         return "an array"
+    if isinstance(value, int) and value.bit_length() > 256:  # repr() of a huge int is slow or refused
+        return f"an integer of {value.bit_length()} bits"
     if isinstance(value, (str, int, float)):
         text = repr(value)
         return text if len(text) <= 80 else text[:60] + "...' (" + f"{len(value)} characters)"
@@ -134,8 +142,10 @@ class Key:
         elif kind is int:
             ok = isinstance(value, numbers.Integral) and not isinstance(value, bool)
             value = int(value) if ok else value
+            if ok and abs(value) > MAX_INT:
+                raise self._error(given, name, " (outside the 64-bit integer range)")
         elif kind is float:
-            ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+            ok = _finite(value)
             value = float(value) if ok else value
         elif kind is dict:
             ok = isinstance(value, dict)
@@ -143,6 +153,8 @@ class Key:
                 value = {k: option_value(v, f"{name}.{k}") for k, v in value.items()}
         else:
             ok = isinstance(value, kind)
+            if ok and kind is str and (len(value) > MAX_STR or "\0" in value):
+                raise self._error(given, name, f" (at most {MAX_STR} characters, no NUL)")
         if not ok:
             raise self._error(given, name)
         if self.choices and value not in self.choices:
@@ -225,18 +237,43 @@ def coerce(name: str, value: Any, *, text: bool = True, keys: Mapping[str, Key] 
     return key.name, key.parse(value, text=text, name=name)
 
 
+def _finite(value: Any) -> bool:
+    """A real number (not a bool) that a float can hold, finite."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        return False
+    try:
+        return math.isfinite(float(value))
+    except OverflowError:  # an int beyond float's range
+        return False
+
+
 def option_value(value: Any, name: str) -> Any:
-    """A codec option's value as given (its codec checks it), provided it is a scalar."""
-    if isinstance(value, (str, int, float)):  # bool is an int
+    """A codec option's value as given (its codec checks it), provided it is a scalar: a string of at
+    most :data:`MAX_STR` characters, a 64-bit integer, a finite number or a boolean."""
+    if isinstance(value, bool):
         return value
+    if isinstance(value, int):
+        if abs(value) <= MAX_INT:
+            return value
+        raise ConfigError(f"{name} expects a 64-bit integer, got {_show(value)}")
+    if isinstance(value, float):
+        if math.isfinite(value):
+            return value
+        raise ConfigError(f"{name} expects a finite number, got {_show(value)}")
+    if isinstance(value, str):
+        if len(value) <= MAX_STR and "\0" not in value:
+            return value
+        raise ConfigError(f"{name} expects a string of at most {MAX_STR} characters without NUL, got {_show(value)}")
     raise ConfigError(f"{name} expects a string, number or boolean, got {_show(value)}")
 
 
 def parse_scalar(text: str) -> Any:
     """Parse a codec option value: TOML scalar syntax, or a bare word as a string."""
+    if len(text) > MAX_STR:
+        return text  # option_value refuses it, naming the option
     try:
         parsed = tomllib.loads(f"v = {text}")
-    except (tomllib.TOMLDecodeError, RecursionError):
+    except (tomllib.TOMLDecodeError, RecursionError, ValueError):  # ValueError: over-long integers
         return text
     return parsed["v"] if parsed.keys() == {"v"} else text
 
@@ -449,8 +486,9 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 def read_toml(file: str | Path) -> dict[str, Any]:
     """A ``--config`` file's table. Refused with a :class:`ConfigError`: a missing or unreadable
-    file, one over :data:`MAX_CONFIG_BYTES` (before parsing), non-UTF-8 text, invalid or too
-    deeply nested TOML."""
+    file, one over :data:`MAX_CONFIG_BYTES` (before parsing), non-UTF-8 text, invalid TOML, integers
+    too long for Python to read, tables or arrays nested deeper than :data:`MAX_CONFIG_DEPTH` (the
+    message names the key)."""
     try:
         with Path(file).open("rb") as fh:
             data = fh.read(MAX_CONFIG_BYTES + 1)
@@ -462,13 +500,32 @@ def read_toml(file: str | Path) -> dict[str, Any]:
         raise ConfigError(f"config file {file} is larger than {MAX_CONFIG_BYTES} bytes; a config file holds "
                           "a few keys")
     try:
-        return tomllib.loads(data.decode("utf-8"))
+        table = tomllib.loads(data.decode("utf-8"))
     except UnicodeDecodeError:
         raise ConfigError(f"config file {file} is not UTF-8 text") from None
     except tomllib.TOMLDecodeError as err:
         raise ConfigError(f"config file {file} is not valid TOML: {err}") from None
     except RecursionError:
         raise ConfigError(f"config file {file} nests arrays or tables too deeply") from None
+    except ValueError as err:  # int() of an over-long digit string
+        raise ConfigError(f"config file {file} holds a number too long to read ({str(err)[:80]})") from None
+    deep = _too_deep(table, MAX_CONFIG_DEPTH)
+    if deep is not None:
+        raise ConfigError(f"config file {file}: key {deep} nests tables or arrays more than {MAX_CONFIG_DEPTH} deep")
+    return table
+
+
+def _too_deep(table: dict[str, Any], limit: int) -> str | None:
+    """The dotted path of the first value nested deeper than ``limit`` (iteratively: no recursion)."""
+    todo: list[tuple[Any, list[str]]] = [(table, [])]
+    while todo:
+        value, path = todo.pop()
+        if len(path) > limit:
+            shown = ".".join(path[:4])
+            return shown + (f"... ({len(path)} levels)" if len(path) > 4 else "")
+        items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+        todo.extend((v, path + [str(k)[:40]]) for k, v in items if isinstance(v, (dict, list)))
+    return None
 
 
 def build_config(preset: str | None = None, file: str | Path | None = None,
