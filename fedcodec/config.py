@@ -29,8 +29,6 @@ from .errors import ConfigError
 
 #: a ``--config`` file larger than this is refused before it is parsed
 MAX_CONFIG_BYTES = 1 << 20
-#: tables and arrays nested deeper than this in a ``--config`` file are refused (a config needs 2)
-MAX_CONFIG_DEPTH = 16
 #: integer values are 64-bit: |value| < 2**63
 MAX_INT = 2**63 - 1
 #: characters of a string value (paths, names, plugin lists)
@@ -487,8 +485,9 @@ PRESETS: dict[str, dict[str, Any]] = {
 def read_toml(file: str | Path) -> dict[str, Any]:
     """A ``--config`` file's table. Refused with a :class:`ConfigError`: a missing or unreadable
     file, one over :data:`MAX_CONFIG_BYTES` (before parsing), non-UTF-8 text, invalid TOML, integers
-    too long for Python to read, tables or arrays nested deeper than :data:`MAX_CONFIG_DEPTH` (the
-    message names the key)."""
+    too long for Python to read, arrays or inline tables nested too deeply for the parser. (Deeply
+    dotted keys parse without recursion; :func:`coerce` refuses any table where a scalar belongs,
+    naming the key, without walking it.)"""
     try:
         with Path(file).open("rb") as fh:
             data = fh.read(MAX_CONFIG_BYTES + 1)
@@ -509,23 +508,7 @@ def read_toml(file: str | Path) -> dict[str, Any]:
         raise ConfigError(f"config file {file} nests arrays or tables too deeply") from None
     except ValueError as err:  # int() of an over-long digit string
         raise ConfigError(f"config file {file} holds a number too long to read ({str(err)[:80]})") from None
-    deep = _too_deep(table, MAX_CONFIG_DEPTH)
-    if deep is not None:
-        raise ConfigError(f"config file {file}: key {deep} nests tables or arrays more than {MAX_CONFIG_DEPTH} deep")
     return table
-
-
-def _too_deep(table: dict[str, Any], limit: int) -> str | None:
-    """The dotted path of the first value nested deeper than ``limit`` (iteratively: no recursion)."""
-    todo: list[tuple[Any, list[str]]] = [(table, [])]
-    while todo:
-        value, path = todo.pop()
-        if len(path) > limit:
-            shown = ".".join(path[:4])
-            return shown + (f"... ({len(path)} levels)" if len(path) > 4 else "")
-        items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
-        todo.extend((v, path + [str(k)[:40]]) for k, v in items if isinstance(v, (dict, list)))
-    return None
 
 
 def build_config(preset: str | None = None, file: str | Path | None = None,
