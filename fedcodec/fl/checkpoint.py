@@ -87,7 +87,7 @@ def header_limit(config: Mapping[str, Any]) -> int:
     entries), at most the safetensors library's own limit."""
     def count(key: str) -> int:
         v = config.get(key)
-        return v if type(v) is int and 1 <= v <= 10**7 else 1
+        return min(v, 10**7) if type(v) is int and v >= 1 else 1
 
     share = count("rounds") * (8192 + 512 * count("clients_per_round")) + count("num_clients") * (64 << 10)
     return min(ABSOLUTE_MAX_HEADER, HEADER_BASE + share)

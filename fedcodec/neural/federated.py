@@ -37,7 +37,7 @@ from ..fl.downlink import Downlink
 from ..fl.simulation import RunState, Simulation, local_training, pooled, run_round
 from ..safetensors_header import load_tensors, read_header
 from .codec import Coder
-from .models import NTC, PRIOR_PREFIX, NTCConfig, NTCTask, build_ntc
+from .models import NTC, PRIOR_PREFIX, NTCConfig, NTCTask, build_ntc, ntc_shapes
 from .sources import NeuralSource
 
 MODES = ("federated", "global", "local")
@@ -126,8 +126,7 @@ class Trained:
             raise CodecModelError(f"{path} is not a fedcodec neural codec (format {shown})")
         info = _codec_info(meta.get("info"), fail)
         cfg = info["model"]
-        with torch.device("meta"):  # shapes only: nothing is allocated for the declared architecture
-            shapes = {n: tuple(p.shape) for n, p in NTC(cfg).named_parameters()}
+        shapes = ntc_shapes(cfg)  # computed: nothing is allocated for the declared architecture
         numel = sum(math.prod(s) for s in shapes.values())
         if numel > MAX_CODEC_PARAMS:
             raise fail(f"its architecture {cfg} has {numel:,} parameters, more than the {MAX_CODEC_PARAMS:,} allowed")

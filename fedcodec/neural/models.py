@@ -186,6 +186,36 @@ class NTCTask:
         return {"rate_est": rate, "mse": mse, "test_loss": rate + self.lmbda * mse}
 
 
+def ntc_shapes(cfg: NTCConfig) -> dict[str, tuple[int, ...]]:
+    """The parameter shapes of ``NTC(cfg)``, by name, computed without building it (a file may
+    declare any architecture: nothing is allocated before its size is known). Kept equal to
+    :class:`NTC` by a test."""
+    h, k, d = cfg.hidden, cfg.latent, cfg.dim
+    shapes: dict[str, tuple[int, ...]] = {}
+    if cfg.kind == "vector":
+        for part, sizes in (("g_a", (d, h, h, k)), ("g_s", (k, h, h, d))):
+            for j in range(3):
+                shapes[f"{part}.{2 * j}.weight"] = (sizes[j + 1], sizes[j])
+                shapes[f"{part}.{2 * j}.bias"] = (sizes[j + 1],)
+    else:
+        for i in range(cfg.downs):
+            last = i == cfg.downs - 1
+            down_in, down_out = d if i == 0 else h, k if last else h
+            up_in, up_out = k if i == 0 else h, d if last else h
+            shapes[f"g_a.{2 * i}.weight"], shapes[f"g_a.{2 * i}.bias"] = (down_out, down_in, 5, 5), (down_out,)
+            shapes[f"g_s.{2 * i}.weight"], shapes[f"g_s.{2 * i}.bias"] = (up_in, up_out, 5, 5), (up_out,)
+            if not last:
+                for part in ("g_a", "g_s"):
+                    shapes[f"{part}.{2 * i + 1}.beta"], shapes[f"{part}.{2 * i + 1}.gamma"] = (h,), (h, h)
+    dims = (1, 3, 3, 3, 1)  # FactorizedPrior's default filters
+    for i in range(len(dims) - 1):
+        shapes[f"prior.matrices.{i}"] = (k, dims[i + 1], dims[i])
+        shapes[f"prior.biases.{i}"] = (k, dims[i + 1], 1)
+        if i < len(dims) - 2:
+            shapes[f"prior.factors.{i}"] = (k, dims[i + 1], 1)
+    return shapes
+
+
 def build_ntc(cfg: NTCConfig, seed: int) -> NTC:
     """The model of ``cfg`` initialised from ``seed`` alone (the global torch RNG is left as it was)."""
     state = torch.random.get_rng_state()
