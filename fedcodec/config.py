@@ -33,7 +33,8 @@ MAX_CONFIG_BYTES = 1 << 20
 #: Python's TOML parser takes time quadratic in a dotted key's parts (``a.a.a...``: 20,000 parts take
 #: about 1.5 s, 50,000 about 100 s); a file's dotted keys may have at most this many parts squared
 MAX_DOTTED_COST = 500_000_000
-_DOTTED = re.compile(r"""(?:(?:[A-Za-z0-9_-]+|"[^"\n]*"|'[^'\n]*')[ \t]*\.[ \t]*)+""")
+# a chain of dotted key parts; anchored and possessive, so the scan is linear (no backtracking)
+_DOTTED = re.compile(r"""(?<![A-Za-z0-9_-])(?:(?:[A-Za-z0-9_-]++|"[^"\n]*+"|'[^'\n]*+')[ \t]*+\.[ \t]*+)++""")
 #: integer values are 64-bit: |value| < 2**63
 MAX_INT = 2**63 - 1
 #: characters of a string value (paths, names, plugin lists)

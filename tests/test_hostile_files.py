@@ -675,6 +675,18 @@ def test_toml_hostile_values(tmp_path, text, fragment):
         build_config(file=path)
 
 
+@pytest.mark.parametrize("text", ["rounds = " + "9" * 200_000, "a." * 400_000 + "b = 1", '"' * 900_000,
+                                  "x = [" + "1.5," * 200_000 + "]"], ids=["digits", "dots", "quotes", "floats"])
+def test_toml_pre_scan_is_linear(tmp_path, text):
+    # the dotted-key scan runs before parsing: it must not backtrack (a 200,000-digit number once took minutes)
+    path = tmp_path / "c.toml"
+    path.write_text(text)
+    t0 = time.perf_counter()
+    with pytest.raises(ConfigError):
+        build_config(file=path)
+    assert time.perf_counter() - t0 < 8
+
+
 def test_toml_file_bounds(tmp_path):
     path = tmp_path / "c.toml"
     path.write_bytes(b"# " + b"x" * (1 << 20) + b"\n")
