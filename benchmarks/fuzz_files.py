@@ -318,7 +318,8 @@ def bomb(parser: str, rng: np.random.Generator, seeds: Seeds) -> bytes:
     if parser == "fcn":
         import hashlib
         coder = seeds.env["coders"]["vector"]
-        shape, lat = [((2**31, 4), (2**31, 2)), ((2**26, 4), (2**26, 2)), ((2**24, 4), (2**24, 2))][int(rng.integers(3))]
+        shape, lat = pick(rng, [((2**31, 4), (2**31, 2)), ((2**26, 4), (2**26, 2)), ((2**24, 4), (2**24, 2)),
+                                ((2**20, 4), (2**20, 2)), ((2**22, 4), (2**22, 2))])  # the last two: within limits
         head = b"FCNC" + bytes([1, 1]) + coder.model.transform_fingerprint() + coder.tables.fingerprint
         head += bytes([2]) + struct.pack("<2I", *shape) + bytes([2]) + struct.pack("<2I", *lat)
         body = head + struct.pack("<I", 8) + bytes(8)

@@ -224,6 +224,12 @@ def test_fcn_stream_length_is_bounded_by_the_latents(vec_coder):
     blob = fcn_header(vec_coder, (1, 4), (1, 2), b"\x00" * 4096)
     with pytest.raises(CodecFileError, match="stream is longer than 2 latent values can need"):
         vec_coder.decompress(blob)
+    # 8 bytes cannot hold 2 M values under this entropy model: refused before decoding them
+    blob = fcn_header(vec_coder, (2**20, 4), (2**20, 2), b"\x00" * 8)
+    t0 = time.perf_counter()
+    with pytest.raises(CodecFileError, match="8-byte stream is too short for 2,097,152 latent values"):
+        vec_coder.decompress(blob)
+    assert time.perf_counter() - t0 < 1
 
 
 FCN_GARBAGE = [

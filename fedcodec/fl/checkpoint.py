@@ -6,6 +6,10 @@ optimizer's state under ``opt/<key>`` (model tensor names never contain ``/``); 
 file's metadata. One file means one ``os.replace``: a process killed at any instant
 leaves either the previous checkpoint or the new one, never a mix. RNG state needs no saving: every
 random choice is a function of (seed, round, client).
+
+:func:`load` trusts nothing in the file (it may be damaged, or not ours): see its docstring for the
+checks, all made before a tensor is read; a failure is a :class:`~fedcodec.errors.CheckpointError`
+(a ConfigError).
 """
 
 from __future__ import annotations
@@ -34,11 +38,10 @@ HEADER_BASE = 16 << 20
 STORE_FACTOR = 8
 #: ... and any tensor outside the model at most the model's elements, or this many if the model is smaller
 TENSOR_FLOOR = 1 << 20
-MAX_COUNT = 10**9  # rounds, client ids, byte counts
+MAX_COUNT = 10**9  # rounds and client ids are below this
 FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
 TORCH_NAME = {v: k for k, v in TORCH_DTYPE.items()}
-_ROUND = re.compile(r"(0|[1-9][0-9]{0,8})")
-_OWNER = re.compile(r"(0|[1-9][0-9]{0,8})")
+_DECIMAL = re.compile(r"(0|[1-9][0-9]{0,8})")  # 0 .. MAX_COUNT - 1, as str(int) writes it
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -83,8 +86,9 @@ def save(path: Path, config: dict[str, Any], state) -> None:
 
 def header_limit(config: Mapping[str, Any]) -> int:
     """The most JSON header bytes a checkpoint of a run of ``config`` may have: :data:`HEADER_BASE`
-    plus a share per round (records, ledger rows per sampled client) and per client (store tensors'
-    entries), at most the safetensors library's own limit."""
+    (16 MiB) plus 8 KiB + 512 B per sampled client per round (records, ledger rows) and 64 KiB per
+    client (store tensors' entries), at most 96 MiB (the safetensors library's own limit is 100 MB).
+    Parsing that much JSON takes bounded time and memory (roughly 25x the bytes in the worst case)."""
     def count(key: str) -> int:
         v = config.get(key)
         return min(v, 10**7) if type(v) is int and v >= 1 else 1
@@ -122,12 +126,13 @@ def _ledger_row(row: Any) -> bool:
     if not (isinstance(row, list) and len(row) == 5):
         return False
     rnd, client, direction, codec, nbytes = row
-    return (all(type(v) is int and 0 <= v <= MAX_COUNT for v in (rnd, client, nbytes))
+    return (all(type(v) is int and 0 <= v < MAX_COUNT for v in (rnd, client))
+            and type(nbytes) is int and 0 <= nbytes < 2**62
             and direction in ("up", "down") and isinstance(codec, str) and 0 < len(codec) <= 200)
 
 
 def _owner(text: str) -> int | None:
-    return int(text) if _OWNER.fullmatch(text) else None
+    return int(text) if _DECIMAL.fullmatch(text) else None
 
 
 def load(path: Path, config: dict[str, Any], expected: Mapping[str, Any] | None = None):
@@ -157,7 +162,7 @@ def load(path: Path, config: dict[str, Any], expected: Mapping[str, Any] | None 
         raise fail("its saved config holds values that are neither scalars nor tables of scalars")
     check_config(saved, config, path)
     text = meta.get("round")
-    if not (isinstance(text, str) and _ROUND.fullmatch(text)):
+    if not (isinstance(text, str) and _DECIMAL.fullmatch(text)):
         raise fail("its round is not a decimal integer >= 0")
     records = _json(meta, "records", list, fail)
     if not all(isinstance(r, dict) for r in records):

@@ -13,7 +13,8 @@ tables), so decoding with another client's codec is refused with a message sayin
 A checksum only proves the file is intact, not that its maker was friendly, so every declared size
 is checked before anything is allocated: at most :data:`MAX_ELEMENTS` data values and
 :data:`MAX_LATENT` latent values, a stream of at most 5 bytes per latent value (what the largest
-escaped value costs) and whole 32-bit words, every dimension >= 1, and an estimate of the synthesis
+escaped value costs) and at least half of what the entropy model makes the cheapest values cost
+(:meth:`Coder.min_stream_bits`), every dimension >= 1, and an estimate of the synthesis
 transform's activation memory per decoded chunk (:func:`decode_bytes`) of at most
 :data:`MAX_DECODE_BYTES`; larger batches are decoded in chunks. :meth:`Coder.compress` refuses data
 beyond the same limits, so every file it writes can be decoded. :func:`read_file` reads at most
@@ -32,7 +33,7 @@ import numpy as np
 import torch
 
 from ..errors import CodecFileError, ConfigError, PayloadError
-from .entropy import RAW, RAW_MIN, Tables
+from .entropy import PRECISION, RAW, RAW_MIN, Tables
 from .models import NTC
 
 __all__ = ["Coder", "CodecFileError", "read_file", "MAX_ELEMENTS", "MAX_LATENT", "MAX_DECODE_BYTES"]
@@ -151,6 +152,20 @@ class Coder:
             channels, pixels = out, pixels * 4
         return 4 * peak
 
+    def min_stream_bits(self, lat_shape: tuple[int, ...]) -> float:
+        """A lower bound on the bits any stream of latents ``lat_shape`` costs under these tables:
+        each value of channel ``c`` costs at least ``-log2`` of the channel's largest probability
+        (so a few bytes cannot make the decoder produce millions of values)."""
+        if self.tables is None or len(lat_shape) < 2 or lat_shape[1] != len(self.tables.counts):
+            return 0.0
+        per_channel = math.prod(lat_shape) // lat_shape[1]
+        bits = 0.0
+        for counts in self.tables.counts:
+            # constriction re-quantizes to 24 bits, leaving every other symbol at least 2**-24
+            p_max = min(float(counts.max()) / (1 << PRECISION) * 1.001, 1.0 - (len(counts) - 1) * 2.0 ** -24)
+            bits += per_channel * -math.log2(p_max)
+        return bits
+
     def check_sizes(self, shape: tuple[int, ...], lat_shape: tuple[int, ...], kind: str) -> None:
         """Refuse (:class:`CodecFileError`) data of ``shape`` beyond the module's limits."""
         if not shape or min(shape) < 1 or min(lat_shape) < 1:
@@ -235,6 +250,10 @@ class Coder:
         if len(stream) > STREAM_BYTES_PER_LATENT * math.prod(lat_shape) + STREAM_SLACK:
             raise CodecFileError("size", f"a {len(stream):,}-byte stream is longer than {math.prod(lat_shape):,} "
                                          "latent values can need")
+        need = self.min_stream_bits(lat_shape)
+        if 8 * len(stream) < need / 2 - 64:  # half the bound, and a coder state's worth of slack
+            raise CodecFileError("size", f"a {len(stream):,}-byte stream is too short for {math.prod(lat_shape):,} "
+                                         f"latent values under this entropy model (at least {need / 8:,.0f} bytes)")
         try:
             sym = self.tables.decode(stream, lat_shape)
         except PayloadError as err:
