@@ -49,9 +49,28 @@ ROOT = Path(__file__).resolve().parents[1]
 PARSERS = ("fcn", "codec", "checkpoint", "idx", "cifar", "toml", "set")
 U32_SPECIALS = [0, 1, 2**31 - 1, 2**31, 2**32 - 1, 2**24, 2**16, 255]
 U64_SPECIALS = [0, 1, 2**63 - 1, 2**63, 2**64 - 1, 2**40, 2**32, 2**31]
-REASON_WORDS = ("truncated", "checksum", "magic", "header", "dtype", "shape", "size", "json", "metadata",
-                "global", "opcode", "memo", "integer", "utf-8", "toml", "nest", "range", "expects", "unknown",
-                "client", "ledger", "round", "records", "architecture", "labels", "data", "larger", "more than")
+#: (phrase in an error message, reason label), most specific first: how rejections are counted
+REASONS = (
+    ("checksum", "checksum"), ("magic", "magic"), ("not a fedcodec", "not-ours"), ("version", "version"),
+    ("ends early", "truncated"), ("ends inside", "truncated"), ("truncated", "truncated"), ("too short", "truncated"),
+    ("more data follows", "trailing"), ("trailing", "trailing"), ("follow the end", "trailing"),
+    ("bytes of json", "header-length"), ("not valid json", "json"), ("not json", "json"), ("nests", "nesting"),
+    ("not utf-8", "utf-8"), ("utf-8", "utf-8"), ("not valid toml", "toml-syntax"), ("too long to read", "huge-int"),
+    ("64-bit", "int-range"), ("finite", "non-finite"), ("dotted key", "dotted-key"), ("at most 4096", "long-string"),
+    ("unknown config key", "unknown-key"), ("expects key=value", "syntax"), ("expects", "type/range"),
+    ("may hold", "too-large"), ("refusing to load global", "global"), ("calls a", "call"),
+    ("cannot be called", "call"), ("is only accepted", "call"), ("build", "build"), ("opcode", "opcode"), ("memo", "memo"), ("stack", "stack"),
+    ("dict key", "dict-key"), ("an integer of", "huge-int"), ("array", "array"), ("'labels'", "labels"),
+    ("label", "labels"), ("'data'", "data"), ("expected a dict", "not-a-dict"),
+    ("idx header declares", "declared-shape"), ("dimensions", "ndim"),
+    ("dtype", "dtype"), ("malformed shape", "shape"), ("shape", "shape"), ("offsets", "offsets"),
+    ("starts at byte", "offsets"), ("cover", "offsets"), ("tensor name", "name"),
+    ("neither a model tensor", "key"), ("belongs to client", "client-id"), ("clients", "clients"),
+    ("architecture", "architecture"), ("lambda", "metadata"), ("mode", "metadata"), ("info", "metadata"),
+    ("round", "metadata"), ("records", "metadata"), ("ledger", "metadata"), ("config", "metadata"),
+    ("metadata", "metadata"), ("model tensor", "model-mismatch"), ("store", "store-size"), ("elements", "size"),
+    ("items", "declared-shape"), ("cannot read", "io/gzip"), ("larger than", "file-size"), ("more than", "size"),
+)
 
 # --------------------------------------------------------------------------------------------- inputs
 
@@ -393,13 +412,15 @@ def typed_errors(parser: str) -> tuple[type, ...]:
 
 
 def reason_of(err: BaseException) -> str:
+    """``Class:reason`` of a typed rejection: a PayloadError's own reason, else a label for the first
+    phrase of :data:`REASONS` its message contains."""
     cls = type(err).__name__
     if getattr(err, "reason", None):
         return f"{cls}:{err.reason}"
     msg = str(err).lower()
-    for word in REASON_WORDS:
-        if word in msg:
-            return f"{cls}:{word.replace(' ', '-')}"
+    for phrase, label in REASONS:
+        if phrase in msg:
+            return f"{cls}:{label}"
     return f"{cls}:other"
 
 
@@ -458,6 +479,7 @@ def worker(seed: int, mem_mib: int) -> None:
                 res["outcome"] = "accepted"
             except typed_errors(parser) as err:
                 res["outcome"], res["reason"] = "rejected", reason_of(err)
+                res["message"] = str(err)[:160]
             except BaseException as err:  # noqa: BLE001 - everything else is a crash
                 res["outcome"], res["reason"] = "crash", type(err).__name__
                 res["detail"] = (str(err)[:300] + "\n" + traceback.format_exc(limit=-4)[-1500:])
@@ -501,6 +523,7 @@ class Tally:
     crashes: list = field(default_factory=list)
     peak: tuple[int, str] = (0, "")
     slowest: tuple[float, str] = (0.0, "")
+    examples: dict = field(default_factory=dict)  # reason -> one message
     by_strategy: dict = field(default_factory=lambda: collections.defaultdict(collections.Counter))
 
 
@@ -521,6 +544,7 @@ def campaign(parsers: list[str], inputs: int, seed: int, workers: int, mem_mib: 
             t.accepted += 1
         elif res["outcome"] == "rejected":
             t.rejected[res["reason"]] += 1
+            t.examples.setdefault(res["reason"], res.get("message", ""))
         else:
             t.crashes.append((i, res.get("strategy", "?"), res["reason"], res.get("detail", "")))
         t.by_strategy[res.get("strategy", "?")][res["outcome"]] += 1
@@ -582,6 +606,9 @@ def details(tallies: dict[str, Tally]) -> str:
         out.append(f"{name}: peak at {t.peak[1] or '-'}; slowest {t.slowest[1] or '-'}")
         strat = ", ".join(f"{s} {sum(c.values())}" for s, c in sorted(t.by_strategy.items()))
         out.append(f"  strategies: {strat}")
+        out.append("  rejections: " + ", ".join(f"{k} {v}" for k, v in t.rejected.most_common()))
+        for reason, _ in t.rejected.most_common():
+            out.append(f"    {reason}: {t.examples.get(reason, '')!r}")
         for i, strategy, reason, detail in t.crashes[:10]:
             out.append(f"  CRASH input {i} ({strategy}): {reason}\n    " + detail.replace("\n", "\n    "))
     return "\n".join(out)
