@@ -51,7 +51,7 @@ U32_SPECIALS = [0, 1, 2**31 - 1, 2**31, 2**32 - 1, 2**24, 2**16, 255]
 U64_SPECIALS = [0, 1, 2**63 - 1, 2**63, 2**64 - 1, 2**40, 2**32, 2**31]
 #: (phrase in an error message, reason label), most specific first: how rejections are counted
 REASONS = (
-    ("checksum", "checksum"), ("magic", "magic"), ("not a fedcodec", "not-ours"), ("version", "version"),
+    ("checksum", "checksum"), ("cannot read", "io/gzip"), ("magic", "magic"), ("not a fedcodec", "not-ours"), ("version", "version"),
     ("ends early", "truncated"), ("ends inside", "truncated"), ("truncated", "truncated"), ("too short", "truncated"),
     ("more data follows", "trailing"), ("trailing", "trailing"), ("follow the end", "trailing"),
     ("bytes of json", "header-length"), ("not valid json", "json"), ("not json", "json"), ("nests", "nesting"),
@@ -69,7 +69,7 @@ REASONS = (
     ("architecture", "architecture"), ("lambda", "metadata"), ("mode", "metadata"), ("info", "metadata"),
     ("round", "metadata"), ("records", "metadata"), ("ledger", "metadata"), ("config", "metadata"),
     ("metadata", "metadata"), ("model tensor", "model-mismatch"), ("store", "store-size"), ("elements", "size"),
-    ("items", "declared-shape"), ("cannot read", "io/gzip"), ("larger than", "file-size"), ("more than", "size"),
+    ("items", "declared-shape"), ("larger than", "file-size"), ("more than", "size"),
 )
 
 # --------------------------------------------------------------------------------------------- inputs
