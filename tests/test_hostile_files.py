@@ -187,13 +187,24 @@ def test_typed_errors_keep_their_callers_working():
 # ------------------------------------------------------------------------------------- .fcn files
 
 
-def test_fcn_valid_round_trip_is_unchanged(vec_coder, img_coder):
+def test_fcn_valid_round_trip(vec_coder, img_coder):
     x = np.random.default_rng(0).random((5, 4), dtype=np.float32)
     out, kind = vec_coder.decompress(vec_coder.compress(x))
     assert kind == "array" and out.shape == (5, 4)
     img = np.random.default_rng(1).random((3, 9, 7), dtype=np.float32)
     out, kind = img_coder.decompress(img_coder.compress(img, "image"))
     assert kind == "image" and out.shape == (3, 9, 7)
+
+
+def test_fcn_large_batches_decode_in_chunks(vec_coder, img_coder, monkeypatch):
+    vectors = np.random.default_rng(2).random((10, 4), dtype=np.float32)
+    images = np.random.default_rng(3).random((5, 3, 8, 8), dtype=np.float32)
+    whole = [c.decompress(c.compress(x))[0] for c, x in ((vec_coder, vectors), (img_coder, images))]
+    # a budget of 3 rows / 2 images per chunk: the same values, decoded in 4 and 3 chunks
+    monkeypatch.setattr(fcn, "MAX_DECODE_BYTES", 3 * vec_coder.decode_bytes((10, 2)))
+    np.testing.assert_allclose(vec_coder.decompress(vec_coder.compress(vectors))[0], whole[0], rtol=0, atol=1e-6)
+    monkeypatch.setattr(fcn, "MAX_DECODE_BYTES", 2 * img_coder.decode_bytes((5, 8, 2, 2)))
+    np.testing.assert_allclose(img_coder.decompress(img_coder.compress(images))[0], whole[1], rtol=0, atol=1e-6)
 
 
 FCN_SIZES = [
@@ -566,6 +577,7 @@ PICKLES = [
     (reduce_pickle("numpy", "ndarray", b"J\x00\x00\x00\x40\x85"), "numpy.ndarray cannot be called"),
     (reduce_pickle("builtins", "eval", b"X\x04\x00\x00\x001+1 \x85"), "refusing to load global builtins.eval"),
     (reduce_pickle("posix", "system", b"X\x02\x00\x00\x00ls\x85"), "refusing to load global posix.system"),
+    (b"\x80\x02c\x01os\nsystem\n.", "refusing to load global '\\\\x01os'.system"),  # named, escaped
     (b"\x80\x02}q\x01(U\x04dataq\x02", "the pickle ends early"),
     (b"\x80\x02\x8b\x00\x00\x00\x40" + b"\x00" * 100 + b".", "an integer of 1,073,741,824 bytes"),
     (b"\x80\x02}(" + b"\x85" * 3 + b"u.", "needs a value the stack does not hold"),
@@ -590,7 +602,8 @@ def _array_pickle(shape: tuple[int, ...], raw: bytes, dtype: str = "u1") -> byte
         return b"(" + b"".join(items) + b"t"
     dims = tup([b"J" + struct.pack("<i", d) if d < 2**31 else b"\x8a\x08" + struct.pack("<q", d) for d in shape])
     dt = b"cnumpy\ndtype\nX" + struct.pack("<I", len(dtype)) + dtype.encode() + b"K\x00K\x01\x87R" + \
-         tup([b"K\x03", b"X\x01\x00\x00\x00|", b"N", b"N", b"N", b"J\xff\xff\xff\xff", b"J\xff\xff\xff\xff", b"K\x00"]) + b"b"
+         tup([b"K\x03", b"X\x01\x00\x00\x00|", b"N", b"N", b"N", b"J" + b"\xff" * 4, b"J" + b"\xff" * 4,
+              b"K\x00"]) + b"b"
     arr = b"cnumpy.core.multiarray\n_reconstruct\ncnumpy\nndarray\nK\x00\x85C\x01b\x87R" + \
         tup([b"K\x01", dims, dt, b"\x89", b"B" + struct.pack("<I", len(raw)) + raw]) + b"b"
     return b"\x80\x02}(X\x04\x00\x00\x00data" + arr + b"X\x06\x00\x00\x00labels]K\x00au."

@@ -70,6 +70,12 @@ class _Pending:
         self.memo_keys: list[int] = []
 
 
+def _shown(name: str) -> str:
+    """A name from the file, for a message: as it is if printable, else escaped (and short)."""
+    name = name[:80]
+    return name if name.isprintable() else ascii(name)
+
+
 def _text(v: Any, what: str) -> str:
     if isinstance(v, bytes):
         return v.decode("latin-1")
@@ -199,7 +205,8 @@ def loads(data: bytes, *, max_ops: int = MAX_OPS, max_elements: int | None = Non
             buf, dtype, shape, order = args
             return _array(buf, dtype, shape, _text(order, "array order") == "F", max_elements)
         if func is _ENCODE:
-            if len(args) != 2 or not isinstance(args[0], str) or _text(args[1], "encoding") not in ("latin1", "latin-1"):
+            if (len(args) != 2 or not isinstance(args[0], str)
+                    or _text(args[1], "encoding") not in ("latin1", "latin-1")):
                 raise PickleRejected("_codecs.encode is only accepted as encode(str, 'latin1')")
             try:
                 return args[0].encode("latin-1")
@@ -359,7 +366,8 @@ def loads(data: bytes, *, max_ops: int = MAX_OPS, max_elements: int | None = Non
                     raise PickleRejected("STACK_GLOBAL names are not text")
             found = GLOBALS.get((module, name))
             if found is None:
-                raise PickleRejected(f"refusing to load global {module[:80]}.{name[:80]}: not allowed in a data file")
+                raise PickleRejected(f"refusing to load global {_shown(module)}.{_shown(name)}: not allowed in a "
+                                     "data file")
             stack.append(found)
         elif op == 0x52:  # REDUCE
             args = pop()
