@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import io
 import json
 import math
 import pickle
@@ -283,6 +284,17 @@ def test_fcn_cli_decompress_reports_the_typed_error(tmp_path, codec_file, capsys
                  "--codec", str(codec_file)]) == 2
     assert "rejected payload (size)" in capsys.readouterr().err
     assert not (tmp_path / "x.npy").exists()
+
+
+def test_neural_compress_npy_input_is_checked_before_numpy_allocates(tmp_path, codec_file, capsys):
+    from numpy.lib import format as npy
+
+    head = io.BytesIO()
+    npy.write_array_header_1_0(head, {"descr": "<f4", "fortran_order": False, "shape": (10**6, 10**6)})
+    (tmp_path / "huge.npy").write_bytes(head.getvalue() + bytes(64))  # 3.6 TiB declared, 64 bytes held
+    assert main(["neural", "compress", str(tmp_path / "huge.npy"), "-o", str(tmp_path / "x.fcn"),
+                 "--codec", str(codec_file)]) == 2
+    assert "its header declares float32 of shape (1000000, 1000000)" in capsys.readouterr().err
 
 
 @props(50)
