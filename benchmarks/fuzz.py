@@ -9,6 +9,12 @@ shapes, float32, all finite) or raise ``PayloadError``; anything else is a crash
 
     python benchmarks/fuzz.py --inputs 10000 --seed 0
 
+``--target files`` fuzzes the parsers of outside files instead (``.fcn``, ``codec.safetensors``,
+checkpoints, IDX, CIFAR-10 pickles, TOML configs, ``--set`` values; see ``benchmarks/fuzz_files.py``),
+``--target all`` does both:
+
+    python benchmarks/fuzz.py --target files --inputs 2000 --seed 0
+
 Input ``i`` of a codec is a pure function of (seed, codec name, i): ``make_input`` regenerates it. The
 exit status is 1 if any codec crashed or let a malformed or non-finite update through.
 """
@@ -24,6 +30,7 @@ import tracemalloc
 import traceback
 import zlib
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -310,8 +317,26 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads (default 1: a decode is small, and timings stay steady on a busy machine)")
     ap.add_argument("--progress", action="store_true", help="progress lines on stderr")
+    ap.add_argument("--target", choices=("codecs", "files", "all"), default="codecs",
+                    help="codecs: the payload decoders (default); files: the parsers of outside files "
+                         "(benchmarks/fuzz_files.py); all: both")
+    files = ap.add_argument_group("file parsers (--target files/all)")
+    files.add_argument("--parsers", default="fcn,codec,checkpoint,idx,cifar,toml,set",
+                       help="comma-separated file parsers to fuzz")
+    files.add_argument("--workers", type=int, default=1, help="worker processes, each under the memory cap")
+    files.add_argument("--mem-mib", type=int, default=3072, help="RLIMIT_AS of each worker (MiB)")
+    files.add_argument("--case-timeout", type=float, default=30.0,
+                       help="seconds one input may take; a worker past it is killed (a crash)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
+    status = 0
+    if args.target in ("files", "all"):
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        import fuzz_files
+
+        status = fuzz_files.main(args)
+        if args.target == "files":
+            return status
 
     spec = ModelSpec.from_model(build_model("cnn4", (1, 28, 28), 10, seed=0))
     names = [n for n in args.codecs.split(",") if n]
@@ -331,7 +356,7 @@ def main(argv: list[str] | None = None) -> int:
         tracemalloc.stop()
     print(f"total {time.perf_counter() - start:.1f} s; "
           + ("FAIL: crashes or bad outputs above" if bad else "no crashes, no non-finite or malformed outputs"))
-    return 1 if bad else 0
+    return 1 if bad or status else 0
 
 
 if __name__ == "__main__":

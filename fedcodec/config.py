@@ -18,6 +18,7 @@ import difflib
 import functools
 import math
 import numbers
+import re
 import tomllib
 import types
 import typing
@@ -29,6 +30,15 @@ from .errors import ConfigError
 
 #: a ``--config`` file larger than this is refused before it is parsed
 MAX_CONFIG_BYTES = 1 << 20
+#: Python's TOML parser takes time quadratic in a dotted key's parts (``a.a.a...``: 20,000 parts take
+#: about 1.5 s, 50,000 about 100 s); a file's dotted keys may have at most this many parts squared
+MAX_DOTTED_COST = 500_000_000
+# a chain of dotted key parts; anchored and possessive, so the scan is linear (no backtracking)
+_DOTTED = re.compile(r"""(?<![A-Za-z0-9_-])(?:(?:[A-Za-z0-9_-]++|"[^"\n]*+"|'[^'\n]*+')[ \t]*+\.[ \t]*+)++""")
+#: integer values are 64-bit: |value| < 2**63
+MAX_INT = 2**63 - 1
+#: characters of a string value (paths, names, plugin lists)
+MAX_STR = 4096
 #: strings that leave an optional key unset (``lr = "none"``, Flower's ``lr = ""``)
 UNSET_WORDS = ("", "none", "null")
 _TRUE, _FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
@@ -56,6 +66,8 @@ def _show(value: Any) -> str:
         return "a table"
     if isinstance(value, (list, tuple)):
         return "an array"
+    if isinstance(value, int) and value.bit_length() > 256:  # repr() of a huge int is slow or refused
+        return f"an integer of {value.bit_length()} bits"
     if isinstance(value, (str, int, float)):
         text = repr(value)
         return text if len(text) <= 80 else text[:60] + "...' (" + f"{len(value)} characters)"
@@ -134,8 +146,10 @@ class Key:
         elif kind is int:
             ok = isinstance(value, numbers.Integral) and not isinstance(value, bool)
             value = int(value) if ok else value
+            if ok and abs(value) > MAX_INT:
+                raise self._error(given, name, " (outside the 64-bit integer range)")
         elif kind is float:
-            ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+            ok = _finite(value)
             value = float(value) if ok else value
         elif kind is dict:
             ok = isinstance(value, dict)
@@ -143,6 +157,8 @@ class Key:
                 value = {k: option_value(v, f"{name}.{k}") for k, v in value.items()}
         else:
             ok = isinstance(value, kind)
+            if ok and kind is str and (len(value) > MAX_STR or "\0" in value):
+                raise self._error(given, name, f" (at most {MAX_STR} characters, no NUL)")
         if not ok:
             raise self._error(given, name)
         if self.choices and value not in self.choices:
@@ -225,18 +241,43 @@ def coerce(name: str, value: Any, *, text: bool = True, keys: Mapping[str, Key] 
     return key.name, key.parse(value, text=text, name=name)
 
 
+def _finite(value: Any) -> bool:
+    """A real number (not a bool) that a float can hold, finite."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        return False
+    try:
+        return math.isfinite(float(value))
+    except OverflowError:  # an int beyond float's range
+        return False
+
+
 def option_value(value: Any, name: str) -> Any:
-    """A codec option's value as given (its codec checks it), provided it is a scalar."""
-    if isinstance(value, (str, int, float)):  # bool is an int
+    """A codec option's value as given (its codec checks it), provided it is a scalar: a string of at
+    most :data:`MAX_STR` characters, a 64-bit integer, a finite number or a boolean."""
+    if isinstance(value, bool):
         return value
+    if isinstance(value, int):
+        if abs(value) <= MAX_INT:
+            return value
+        raise ConfigError(f"{name} expects a 64-bit integer, got {_show(value)}")
+    if isinstance(value, float):
+        if math.isfinite(value):
+            return value
+        raise ConfigError(f"{name} expects a finite number, got {_show(value)}")
+    if isinstance(value, str):
+        if len(value) <= MAX_STR and "\0" not in value:
+            return value
+        raise ConfigError(f"{name} expects a string of at most {MAX_STR} characters without NUL, got {_show(value)}")
     raise ConfigError(f"{name} expects a string, number or boolean, got {_show(value)}")
 
 
 def parse_scalar(text: str) -> Any:
     """Parse a codec option value: TOML scalar syntax, or a bare word as a string."""
+    if len(text) > MAX_STR:
+        return text  # option_value refuses it, naming the option
     try:
         parsed = tomllib.loads(f"v = {text}")
-    except (tomllib.TOMLDecodeError, RecursionError):
+    except (tomllib.TOMLDecodeError, RecursionError, ValueError):  # ValueError: over-long integers
         return text
     return parsed["v"] if parsed.keys() == {"v"} else text
 
@@ -461,8 +502,11 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 def read_toml(file: str | Path) -> dict[str, Any]:
     """A ``--config`` file's table. Refused with a :class:`ConfigError`: a missing or unreadable
-    file, one over :data:`MAX_CONFIG_BYTES` (before parsing), non-UTF-8 text, invalid or too
-    deeply nested TOML."""
+    file, one over :data:`MAX_CONFIG_BYTES` (before parsing), non-UTF-8 text, invalid TOML, integers
+    too long for Python to read, arrays or inline tables nested too deeply for the parser, dotted keys
+    too long to parse in bounded time (:data:`MAX_DOTTED_COST`). (Dotted keys parse without
+    recursion; :func:`coerce` refuses any table where a scalar belongs, naming the key, without
+    walking it.)"""
     try:
         with Path(file).open("rb") as fh:
             data = fh.read(MAX_CONFIG_BYTES + 1)
@@ -474,13 +518,26 @@ def read_toml(file: str | Path) -> dict[str, Any]:
         raise ConfigError(f"config file {file} is larger than {MAX_CONFIG_BYTES} bytes; a config file holds "
                           "a few keys")
     try:
-        return tomllib.loads(data.decode("utf-8"))
+        text = data.decode("utf-8")
     except UnicodeDecodeError:
         raise ConfigError(f"config file {file} is not UTF-8 text") from None
+    cost = 0
+    for chain in _DOTTED.finditer(text):  # before parsing: see MAX_DOTTED_COST
+        parts = chain.group().count(".") + 1
+        cost += parts * parts
+        if cost > MAX_DOTTED_COST:
+            shown = chain.group()[:40].rstrip(". \t")
+            raise ConfigError(f"config file {file}: dotted key {shown}... has {parts:,} parts (too "
+                              "many to parse; a config key has at most 2)")
+    try:
+        table = tomllib.loads(text)
     except tomllib.TOMLDecodeError as err:
         raise ConfigError(f"config file {file} is not valid TOML: {err}") from None
     except RecursionError:
         raise ConfigError(f"config file {file} nests arrays or tables too deeply") from None
+    except ValueError as err:  # int() of an over-long digit string
+        raise ConfigError(f"config file {file} holds a number too long to read ({str(err)[:80]})") from None
+    return table
 
 
 def build_config(preset: str | None = None, file: str | Path | None = None,

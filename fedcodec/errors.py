@@ -44,3 +44,16 @@ class PayloadError(FedcodecError, ValueError):
         err = type(self)(self.reason, self.detail, client)
         err.__cause__ = self.__cause__
         return err
+
+
+class CodecFileError(PayloadError):
+    """A learned-compression file (``.fcn``) cannot be decoded with this codec: corrupt, truncated,
+    declaring sizes beyond the documented limits, or made with another model (``reason`` says which)."""
+
+
+class CodecModelError(ConfigError):
+    """A learned codec's saved model (``codec.safetensors``) is unreadable, damaged or not one."""
+
+
+class CheckpointError(ConfigError):
+    """A run checkpoint is unreadable, damaged, or does not belong to this run's model."""

@@ -1,24 +1,27 @@
 """CIFAR-10 from the official "python version" batches (``cifar-10-python.tar.gz``).
 
-The batches are pickles, and unpickling can run arbitrary code. They are therefore loaded with
-:class:`RestrictedUnpickler`, which resolves only the few globals a CIFAR batch needs (builtin
-containers and numpy array reconstruction) and rejects every other global, so a malicious file
-raises :class:`DatasetError` instead of executing anything. That makes loading a file of unknown
-origin safe from code execution, though not from denial of service by a huge file.
+The batches are pickles, and unpickling can run arbitrary code. They are therefore not given to
+:mod:`pickle` at all: :func:`fedcodec.data.safe_pickle.loads` interprets the opcodes itself and
+builds only plain values and numpy arrays (checked against the bytes they come with), calls
+nothing, and refuses every other global by name, so a malicious file raises :class:`DatasetError`
+instead of executing anything. The work is bounded too: a file over :data:`MAX_BATCH_BYTES` is
+refused before it is read, at most :data:`~fedcodec.data.safe_pickle.MAX_OPS` opcodes are run,
+shared references are never expanded (the pickle "billion laughs": a tiny file referring to one
+big list many times) and every field is type-checked (labels: a list of Python ints in 0..9)
+before numpy sees it.
 """
 
 from __future__ import annotations
 
 import os
-import pickle
 import re
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import numpy._core.multiarray as _multiarray
 import torch
 
+from fedcodec.data import safe_pickle
 from fedcodec.data.base import FederatedSource
 from fedcodec.errors import DatasetError
 
@@ -37,42 +40,28 @@ HOW_TO_GET = (
 
 _TRAIN_FILE = re.compile(r"data_batch_([1-9][0-9]*)")
 
-# Everything a CIFAR batch pickle may reference. The official files were written by Python 2
-# with numpy 1.x (``numpy.core``); numpy 2 moved that module to ``numpy._core``.
-_ALLOWED: dict[tuple[str, str], Any] = {
-    ("numpy.core.multiarray", "_reconstruct"): _multiarray._reconstruct,
-    ("numpy._core.multiarray", "_reconstruct"): _multiarray._reconstruct,
-    ("numpy", "ndarray"): np.ndarray,
-    ("numpy", "dtype"): np.dtype,
-    **{
-        (module, cls.__name__): cls
-        for module in ("builtins", "__builtin__")
-        for cls in (dict, list, bytes, str, int)
-    },
-}
-
-
-class RestrictedUnpickler(pickle.Unpickler):
-    """An unpickler that resolves only the globals in an allow-list (see the module docstring)."""
-
-    def find_class(self, module: str, name: str) -> Any:
-        """Return the allowed global ``module.name`` or raise :class:`pickle.UnpicklingError`."""
-        try:
-            return _ALLOWED[(module, name)]
-        except KeyError:
-            raise pickle.UnpicklingError(
-                f"refusing to load global {module}.{name}: not allowed in a CIFAR batch"
-            ) from None
+#: the official batches are 31 MB each
+MAX_BATCH_BYTES = 64 << 20
 
 
 def _unpickle(path: Path) -> dict[Any, Any]:
-    """Load one batch file with :class:`RestrictedUnpickler`; any failure is a DatasetError."""
+    """Load one batch file with :func:`safe_pickle.loads`; any failure is a DatasetError."""
     try:
         with path.open("rb") as f:
-            # encoding="bytes" reads the Python 2 strings of the official files as bytes.
-            obj = RestrictedUnpickler(f, encoding="bytes").load()
-    except Exception as exc:  # unpickling can fail in many ways; all mean a bad file
-        raise DatasetError(f"{path}: cannot load CIFAR batch ({exc}). {HOW_TO_GET}") from exc
+            size = os.fstat(f.fileno()).st_size
+            if size > MAX_BATCH_BYTES:
+                raise DatasetError(f"{path}: {size:,} bytes, larger than a CIFAR batch can be "
+                                   f"({MAX_BATCH_BYTES:,} at most). {HOW_TO_GET}")
+            data = f.read(MAX_BATCH_BYTES + 1)
+    except OSError as exc:
+        raise DatasetError(f"{path}: cannot read CIFAR batch ({exc.strerror or exc}). {HOW_TO_GET}") from exc
+    if len(data) > MAX_BATCH_BYTES:
+        raise DatasetError(f"{path}: larger than a CIFAR batch can be ({MAX_BATCH_BYTES:,} bytes at most). "
+                           f"{HOW_TO_GET}")
+    try:
+        obj = safe_pickle.loads(data)
+    except safe_pickle.PickleRejected as exc:
+        raise DatasetError(f"{path}: cannot load CIFAR batch ({exc}). {HOW_TO_GET}") from None
     if not isinstance(obj, dict):
         raise DatasetError(f"{path}: expected a dict, got {type(obj).__name__}. {HOW_TO_GET}")
     return obj
@@ -93,7 +82,15 @@ def _read_batch(path: Path, expected: int | None) -> tuple[np.ndarray, np.ndarra
     """
     batch = _unpickle(path)
     data = _field(batch, "data", path)
-    labels = np.asarray(_field(batch, "labels", path))
+    labels = _field(batch, "labels", path)
+    if isinstance(labels, (list, tuple)):
+        if not all(type(v) is int for v in labels):  # before numpy: no nested lists, huge ints, strings
+            raise DatasetError(f"{path}: 'labels' holds something other than integers. {HOW_TO_GET}")
+        if labels and (min(labels) < 0 or max(labels) >= NUM_CLASSES):
+            raise DatasetError(f"{path}: label values outside 0..9. {HOW_TO_GET}")
+        labels = np.asarray(labels, dtype=np.int64)
+    elif not isinstance(labels, np.ndarray):
+        raise DatasetError(f"{path}: 'labels' is a {type(labels).__name__}, not a list. {HOW_TO_GET}")
     if not isinstance(data, np.ndarray):
         raise DatasetError(f"{path}: 'data' is a {type(data).__name__}, not an array. {HOW_TO_GET}")
     if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32:

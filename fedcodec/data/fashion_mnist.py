@@ -193,9 +193,11 @@ def _corrupt(path: Path, problem: str) -> DatasetError:
     return DatasetError(f"{path}: {problem}. {_REOBTAIN}")
 
 
-def _read(path: Path) -> np.ndarray:
+def _read(path: Path, shape: tuple[int | None, ...], max_items: int) -> np.ndarray:
+    """An IDX file of uint8 ``shape`` (``None``: the sample count, at most ``max_items``), checked
+    against its header before the payload is read."""
     try:
-        return read_idx(path)
+        return read_idx(path, dtype=np.uint8, shape=shape, max_items=max_items)
     except DatasetError as exc:
         raise DatasetError(f"{exc}. {_REOBTAIN}") from exc
 
@@ -204,8 +206,8 @@ def _load_split(
     images_path: Path, labels_path: Path, expected: int, allow_subset: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Read and validate one split; return normalised ``(N, 1, 28, 28)`` images and labels."""
-    images = _read(images_path)
-    labels = _read(labels_path)
+    images = _read(images_path, (None, 28, 28), expected)
+    labels = _read(labels_path, (None,), expected)
     if images.dtype != np.uint8 or images.ndim != 3 or images.shape[1:] != (28, 28):
         raise _corrupt(images_path, f"expected uint8 images of shape (N, 28, 28), "
                                     f"got {images.dtype} {images.shape}")

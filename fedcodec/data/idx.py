@@ -5,9 +5,14 @@ big-endian ``uint32`` per dimension, then the elements in C order, big-endian. F
 gzip-compressed; :func:`read_idx` recognises compression by its magic bytes, not by the file
 name (browsers sometimes decompress ``.gz`` downloads and keep the name).
 
-The reader never trusts the header: it reads at most the declared number of bytes plus one and
-compares, so a corrupted header declaring a huge size raises :class:`DatasetError` instead of
-trying to allocate it.
+The reader never trusts the header. A caller that knows what it expects (a dtype, fixed dimensions,
+at most so many items: :func:`read_idx`'s ``dtype``, ``shape`` and ``max_items``) has the declared
+header checked against that before anything else is read. The payload is then decompressed
+incrementally, in 1 MiB chunks, and at most ``min(declared size, max_bytes) + 1`` bytes are ever
+produced (``max_bytes`` defaults to :data:`MAX_IDX_BYTES`): a corrupted header declaring a huge size,
+or a small gzip "bomb" that expands to gigabytes, raises :class:`DatasetError` after bounded work and
+memory; a declared size beyond ``max_bytes`` is counted (not kept) to tell a truncated file from an
+oversized one.
 """
 
 from __future__ import annotations
@@ -35,6 +40,8 @@ IDX_DTYPES: dict[int, np.dtype] = {
 _GZIP_MAGIC = b"\x1f\x8b"
 _MAX_DIMS = 4
 _CHUNK = 1 << 20
+#: the largest IDX payload read by default (Fashion-MNIST's largest file holds 47 MB)
+MAX_IDX_BYTES = 256 << 20
 
 
 def _open(path: Path) -> BinaryIO:
@@ -63,14 +70,41 @@ def _read_at_most(stream: BinaryIO, limit: int) -> bytearray:
     return buf
 
 
-def read_idx(path: str | Path) -> np.ndarray:
+def _count_at_most(stream: BinaryIO, limit: int) -> int:
+    """How many bytes (up to ``limit``) the stream still holds, keeping none of them."""
+    n = 0
+    while n < limit:
+        chunk = stream.read(min(_CHUNK, limit - n))
+        if not chunk:
+            break
+        n += len(chunk)
+    return n
+
+
+def _describe(dtype: np.dtype | None, shape: tuple[int | None, ...] | None) -> str:
+    """``uint8 data of shape (N, 28, 28)``: what a caller expects, for a message."""
+    text = f"{dtype.name} data" if dtype is not None else "data"
+    if shape is not None:
+        dims = ["N" if d is None else str(d) for d in shape]
+        text += f" of shape ({', '.join(dims)}{',' if len(dims) == 1 else ''})"
+    return text
+
+
+def read_idx(path: str | Path, *, dtype: np.dtype | str | None = None, shape: tuple[int | None, ...] | None = None,
+             max_items: int | None = None, max_bytes: int = MAX_IDX_BYTES) -> np.ndarray:
     """Read an IDX file (plain or gzip-compressed) into a numpy array.
 
+    ``dtype`` (numpy, native order), ``shape`` (dimensions, ``None`` for any) and ``max_items`` (a
+    bound on the first dimension) are what the caller expects; the header is checked against them
+    before any payload is read. At most ``max_bytes`` of payload are read (see the module docstring).
+
     Raises :class:`DatasetError` when the file is missing, is not valid gzip, has a bad magic,
-    an unknown dtype code, an invalid number of dimensions, or when its payload size differs
-    from the size the header declares (truncated file or trailing garbage).
+    an unknown dtype code, an invalid number of dimensions, a header that differs from what the
+    caller expects, a payload over ``max_bytes``, or when its payload size differs from the size
+    the header declares (truncated file or trailing garbage).
     """
     path = Path(path)
+    want = np.dtype(dtype) if dtype is not None else None
     try:
         with _open(path) as stream:
             zero, code, ndim = struct.unpack(">HBB", _read_exact(stream, 4, str(path)))
@@ -80,27 +114,43 @@ def read_idx(path: str | Path) -> np.ndarray:
                 raise DatasetError(f"{path}: unsupported IDX dtype code {code:#04x}")
             if not 1 <= ndim <= _MAX_DIMS:
                 raise DatasetError(f"{path}: IDX header declares {ndim} dimensions (1..4 allowed)")
-            shape = struct.unpack(f">{ndim}I", _read_exact(stream, 4 * ndim, str(path)))
-            dtype = IDX_DTYPES[code]
-            expected = dtype.itemsize
-            for dim in shape:
+            dims = struct.unpack(f">{ndim}I", _read_exact(stream, 4 * ndim, str(path)))
+            file_dtype = IDX_DTYPES[code]
+            if (want is not None and file_dtype.newbyteorder("=") != want.newbyteorder("=")) or (
+                    shape is not None and (len(dims) != len(shape)
+                                           or any(w is not None and d != w for d, w in zip(dims, shape)))):
+                raise DatasetError(f"{path}: expected {_describe(want, shape)}, the IDX header declares "
+                                   f"{file_dtype.newbyteorder('=').name} of shape {dims}")
+            if max_items is not None and dims[0] > max_items:
+                raise DatasetError(f"{path}: the IDX header declares {dims[0]:,} items, at most {max_items:,} "
+                                   "expected")
+            expected = file_dtype.itemsize
+            for dim in dims:
                 expected *= dim
-            payload = _read_at_most(stream, expected + 1)
+            if expected > max_bytes:
+                held = _count_at_most(stream, max_bytes + 1)
+                payload = None
+            else:
+                payload = _read_at_most(stream, expected + 1)
+                held = len(payload)
     except FileNotFoundError as exc:
         raise DatasetError(f"{path}: file not found") from exc
     except (OSError, EOFError, zlib.error) as exc:
         raise DatasetError(f"{path}: cannot read file ({exc})") from exc
-    if len(payload) < expected:
+    if payload is None and held > max_bytes:
+        raise DatasetError(f"{path}: header declares shape {dims} ({expected:,} bytes), more than the "
+                           f"{max_bytes:,} bytes an IDX file may hold here")
+    if payload is None or held < expected:
         raise DatasetError(
-            f"{path}: truncated: header declares shape {shape} ({expected} bytes) "
-            f"but only {len(payload)} bytes follow"
+            f"{path}: truncated: header declares shape {dims} ({expected} bytes) "
+            f"but only {held} bytes follow"
         )
-    if len(payload) > expected:
+    if held > expected:
         raise DatasetError(
-            f"{path}: header declares shape {shape} ({expected} bytes) but more data follows"
+            f"{path}: header declares shape {dims} ({expected} bytes) but more data follows"
         )
-    array = np.frombuffer(payload, dtype=dtype).reshape(shape)
-    return array.astype(dtype.newbyteorder("="), copy=False)
+    array = np.frombuffer(payload, dtype=file_dtype).reshape(dims)
+    return array.astype(file_dtype.newbyteorder("="), copy=False)
 
 
 def write_idx(path: str | Path, array: np.ndarray) -> None:

@@ -38,7 +38,7 @@ def run_method(cfg: Config, source: FederatedSource, out: Path, resume: bool = F
             return done["rounds"], done["summary"]
     sim, state = setup(cfg, source)
     if resume and ckpt.exists():
-        state = checkpoint.load(ckpt, config)
+        state = checkpoint.load(ckpt, config, expected=state.global_params)
         log.info("%s: resuming after round %d", cfg.method, state.round)
     bar = tqdm(total=cfg.rounds, initial=min(state.round, cfg.rounds), desc=cfg.method, disable=not progress,
                unit="round")

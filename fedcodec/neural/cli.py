@@ -70,9 +70,10 @@ def _read_input(path: Path, coder) -> tuple[np.ndarray, str]:
     if not path.exists():
         raise ConfigError(f"{path} does not exist")
     if path.suffix.lower() == ".npy":
+        _check_npy(path)
         try:
             return np.load(path, allow_pickle=False), "array"
-        except ValueError as err:
+        except (ValueError, OSError, EOFError) as err:
             raise ConfigError(f"{path} is not a plain .npy array: {err}") from None
     if path.suffix.lower() in IMAGE_SUFFIXES:
         from .photos import load_photo
@@ -82,6 +83,31 @@ def _read_input(path: Path, coder) -> tuple[np.ndarray, str]:
             img = img.mean(axis=2, keepdims=True)
         return np.ascontiguousarray(img.transpose(2, 0, 1)), "image"
     raise ConfigError(f"{path}: expected an image ({', '.join(IMAGE_SUFFIXES)}) or a .npy array")
+
+
+def _check_npy(path: Path) -> None:
+    """Refuse (:class:`ConfigError`) a ``.npy`` whose header declares more values than a ``.fcn`` file
+    may hold, or more bytes than the file has, before numpy allocates the declared array."""
+    import math
+
+    from numpy.lib import format as npy
+
+    from .codec import MAX_ELEMENTS
+
+    try:
+        with path.open("rb") as f:
+            version = npy.read_magic(f)
+            if version not in ((1, 0), (2, 0)):
+                raise ConfigError(f"{path}: .npy format version {version} is not supported (1.0 or 2.0)")
+            read = npy.read_array_header_1_0 if version == (1, 0) else npy.read_array_header_2_0
+            shape, _, dtype = read(f)
+            data_bytes = path.stat().st_size - f.tell()
+    except (ValueError, OSError, EOFError) as err:
+        raise ConfigError(f"{path} is not a plain .npy array: {err}") from None
+    n = math.prod(shape)
+    if dtype.hasobject or n > MAX_ELEMENTS or n * dtype.itemsize > data_bytes:
+        raise ConfigError(f"{path}: its header declares {dtype} of shape {shape}; expected a numeric array of at "
+                          f"most {MAX_ELEMENTS:,} values that the file holds ({data_bytes:,} data bytes)")
 
 
 def run(args) -> int:
@@ -112,7 +138,9 @@ def run(args) -> int:
         unit = "bpp" if kind == "image" else "bits/vector"
         print(f"{src} → {dst}: {len(blob)} bytes ({8 * len(blob) / n:.4f} {unit}, header included)")
         return 0
-    data, kind = coder.decompress(src.read_bytes())
+    from .codec import read_file
+
+    data, kind = coder.decompress(read_file(src))
     if kind == "image":
         pixels = np.clip(np.round(data.transpose(1, 2, 0) * 255), 0, 255).astype(np.uint8)
         from PIL import Image

@@ -9,29 +9,66 @@ File format (``.fcn``; all integers little-endian)::
 The checksum covers everything before it, so a corrupted file is reported, never decoded to
 garbage; the two fingerprints name the synthesis transform and the entropy model (its integer
 tables), so decoding with another client's codec is refused with a message saying so.
+
+A checksum only proves the file is intact, not that its maker was friendly, so every declared size
+is checked before anything is allocated: at most :data:`MAX_ELEMENTS` data values and
+:data:`MAX_LATENT` latent values, a stream of at most 5 bytes per latent value (what the largest
+escaped value costs) and at least half of what the entropy model makes the cheapest values cost
+(:meth:`Coder.min_stream_bits`), every dimension >= 1, and an estimate of the synthesis
+transform's activation memory per decoded chunk (:func:`decode_bytes`) of at most
+:data:`MAX_DECODE_BYTES`; larger batches are decoded in chunks. :meth:`Coder.compress` refuses data
+beyond the same limits, so every file it writes can be decoded. :func:`read_file` reads at most
+:data:`MAX_FILE_BYTES`. Failures raise :class:`~fedcodec.errors.CodecFileError`.
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
 import struct
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 
-from ..errors import PayloadError
-from .entropy import RAW, RAW_MIN, Tables
+from ..errors import CodecFileError, ConfigError, PayloadError
+from .entropy import PRECISION, RAW, RAW_MIN, Tables
 from .models import NTC
+
+__all__ = ["Coder", "CodecFileError", "read_file", "MAX_ELEMENTS", "MAX_LATENT", "MAX_DECODE_BYTES"]
 
 MAGIC = b"FCNC"
 VERSION = 1
 KINDS = {"image": 0, "array": 1}
-MAX_ELEMENTS = 1 << 28  # refuse declared shapes larger than this before allocating anything
+#: data values one file may hold (float32: 256 MiB decoded)
+MAX_ELEMENTS = 1 << 26
+#: latent values one file may hold (int64 symbols: 128 MiB)
+MAX_LATENT = 1 << 24
+#: estimated peak activation memory of the synthesis transform on one decoded chunk; a single image
+#: needing more is refused (its size is what it is), batches are decoded in chunks below it
+MAX_DECODE_BYTES = 1 << 30
+#: the most stream bytes per latent value (an escape costs at most 20 bits, its raw value 16), plus slack
+STREAM_BYTES_PER_LATENT, STREAM_SLACK = 5, 64
+MAX_HEADER = 4 + 2 + 16 + 2 * (1 + 4 * 8) + 4
+MAX_FILE_BYTES = MAX_HEADER + STREAM_BYTES_PER_LATENT * MAX_LATENT + STREAM_SLACK + 8
+IMAGE_CHANNELS = (1, 3, 4)  # an "image" file decodes to grey, RGB or RGBA
 
 
-class CodecFileError(PayloadError):
-    """A compressed file cannot be decoded with this codec (corrupt, foreign or wrong model)."""
+def read_file(path: str | Path) -> bytes:
+    """The bytes of a ``.fcn`` file, refusing (before reading) one larger than :data:`MAX_FILE_BYTES`;
+    a missing or unreadable file is a :class:`ConfigError`."""
+    path = Path(path)
+    try:
+        with path.open("rb") as f:
+            data = f.read(MAX_FILE_BYTES + 1)
+    except FileNotFoundError:
+        raise ConfigError(f"{path} does not exist") from None
+    except OSError as err:
+        raise ConfigError(f"{path} cannot be read ({err.strerror or err})") from None
+    if len(data) > MAX_FILE_BYTES:
+        raise CodecFileError("size", f"{path} is larger than any .fcn file ({MAX_FILE_BYTES:,} bytes at most)")
+    return data
 
 
 @dataclass
@@ -93,14 +130,71 @@ class Coder:
         """The latent shape data of ``shape`` has under this model (None: it does not fit)."""
         cfg = self.model.cfg
         if cfg.kind == "vector":
-            return (int(np.prod(shape[:-1], dtype=np.int64)), cfg.latent) if shape and shape[-1] == cfg.dim else None
+            return (math.prod(shape[:-1]), cfg.latent) if shape and shape[-1] == cfg.dim else None
         if len(shape) not in (3, 4) or shape[-3] != cfg.dim:
             return None
         m = self.model.multiple
         return (shape[0] if len(shape) == 4 else 1, cfg.latent, -(-shape[-2] // m), -(-shape[-1] // m))
 
+    def decode_bytes(self, lat_shape: tuple[int, ...]) -> int:
+        """Estimated peak memory (bytes) of the synthesis transform on ONE sample (an image) or ONE
+        row (a vector) of latents ``lat_shape``: per layer, its input plus ten times its output
+        (transposed-convolution columns, GDN's temporaries), float32. Measured peaks are about half."""
+        cfg = self.model.cfg
+        if cfg.kind == "vector":
+            layers = [(cfg.latent, cfg.hidden), (cfg.hidden, cfg.hidden), (cfg.hidden, cfg.dim)]
+            return 4 * max(i + 10 * o for i, o in layers)
+        pixels = lat_shape[-2] * lat_shape[-1]
+        peak, channels = 0, cfg.latent
+        for i in range(cfg.downs):
+            out = cfg.dim if i == cfg.downs - 1 else cfg.hidden
+            peak = max(peak, channels * pixels + 10 * out * pixels * 4)
+            channels, pixels = out, pixels * 4
+        return 4 * peak
+
+    def min_stream_bits(self, lat_shape: tuple[int, ...]) -> float:
+        """A lower bound on the bits any stream of latents ``lat_shape`` costs under these tables:
+        each value of channel ``c`` costs at least ``-log2`` of the channel's largest probability
+        (so a few bytes cannot make the decoder produce millions of values)."""
+        if self.tables is None or len(lat_shape) < 2 or lat_shape[1] != len(self.tables.counts):
+            return 0.0
+        per_channel = math.prod(lat_shape) // lat_shape[1]
+        bits = 0.0
+        for counts in self.tables.counts:
+            # constriction re-quantizes to 24 bits, leaving every other symbol at least 2**-24
+            p_max = min(float(counts.max()) / (1 << PRECISION) * 1.001, 1.0 - (len(counts) - 1) * 2.0 ** -24)
+            bits += per_channel * -math.log2(p_max)
+        return bits
+
+    def check_sizes(self, shape: tuple[int, ...], lat_shape: tuple[int, ...], kind: str) -> None:
+        """Refuse (:class:`CodecFileError`) data of ``shape`` beyond the module's limits."""
+        if not shape or min(shape) < 1 or min(lat_shape) < 1:
+            raise CodecFileError("shape", f"shape {tuple(shape)}: every dimension must be >= 1")
+        n, n_lat = math.prod(shape), math.prod(lat_shape)
+        if n > MAX_ELEMENTS:
+            raise CodecFileError("size", f"shape {tuple(shape)} has {n:,} values, more than the {MAX_ELEMENTS:,} "
+                                         "one .fcn file may hold; split the data")
+        if n_lat > MAX_LATENT:
+            raise CodecFileError("size", f"latent shape {tuple(lat_shape)} has {n_lat:,} values, more than the "
+                                         f"{MAX_LATENT:,} one .fcn file may hold; split the data")
+        need = self.decode_bytes(lat_shape)
+        if need > MAX_DECODE_BYTES:
+            raise CodecFileError("size", f"decoding one sample of shape {tuple(shape[-3:])} would need about "
+                                         f"{need / 2**20:,.0f} MiB of activations, more than the "
+                                         f"{MAX_DECODE_BYTES / 2**20:,.0f} MiB allowed; downscale or tile the image")
+        if kind == "image" and (len(shape) != 3 or shape[0] not in IMAGE_CHANNELS):
+            raise CodecFileError("shape", f"an image is (C, H, W) with C in {IMAGE_CHANNELS}, got {tuple(shape)}")
+
     def compress(self, data: np.ndarray, kind: str = "array") -> bytes:
-        """A whole array (an image as (C, H, W) in [0, 1], or vectors (..., dim)) → file bytes."""
+        """A whole array (an image as (C, H, W) in [0, 1], or vectors (..., dim)) → file bytes.
+        Data beyond the decoder's limits (see the module docstring) raises :class:`CodecFileError`."""
+        if kind not in KINDS:
+            raise ConfigError(f"kind must be one of {', '.join(KINDS)}, got {kind!r}")
+        if not 1 <= data.ndim <= 8:
+            raise CodecFileError("shape", f"a .fcn file holds arrays of 1..8 dimensions, got {data.ndim}")
+        lat = self.latent_shape(tuple(data.shape))
+        if lat is not None:
+            self.check_sizes(tuple(data.shape), lat, kind)
         x = self._prepare(data)
         sym = self.quantize(x)
         stream = self.tables.encode(sym)
@@ -112,8 +206,13 @@ class Coder:
 
     def decompress(self, blob: bytes) -> tuple[np.ndarray, str]:
         """File bytes → (array of the original shape, kind). Raises :class:`CodecFileError`."""
-        if len(blob) < 4 + 2 + 16 + 1 + 4 + 8 or blob[:4] != MAGIC:
+        if not isinstance(blob, (bytes, bytearray, memoryview)):
+            raise CodecFileError("type", f"expected the file's bytes, got a {type(blob).__name__}")
+        blob = bytes(blob)
+        if len(blob) < 4 + 2 + 16 + 1 + 1 + 4 + 8 or blob[:4] != MAGIC:
             raise CodecFileError("magic", "not a fedcodec neural-compression file")
+        if len(blob) > MAX_FILE_BYTES:
+            raise CodecFileError("size", f"{len(blob):,} bytes: larger than any .fcn file ({MAX_FILE_BYTES:,} at most)")
         body, check = blob[:-8], blob[-8:]
         if hashlib.blake2b(body, digest_size=8).digest() != check:
             raise CodecFileError("checksum", "the file is corrupted (checksum mismatch)")
@@ -131,10 +230,12 @@ class Coder:
         pos = 22
         shapes = []
         for _ in range(2):
+            if pos >= len(body):
+                raise CodecFileError("truncated", "header ends early")
             n = body[pos]
-            if n > 8 or pos + 1 + 4 * n > len(body):
-                raise CodecFileError("header", "malformed shape in header")
-            shapes.append(struct.unpack_from(f"<{n}I", body, pos + 1))
+            if not 1 <= n <= 8 or pos + 1 + 4 * n > len(body):
+                raise CodecFileError("header", "malformed shape in header (1..8 dimensions of 4 bytes each)")
+            shapes.append(tuple(struct.unpack_from(f"<{n}I", body, pos + 1)))
             pos += 1 + 4 * n
         shape, lat_shape = shapes
         if pos + 4 > len(body):
@@ -143,16 +244,36 @@ class Coder:
         stream = body[pos + 4:]
         if length != len(stream):
             raise CodecFileError("size", f"header declares a {length}-byte stream, the file holds {len(stream)}")
-        for s in (shape, lat_shape):
-            if np.prod(s, dtype=np.float64) > MAX_ELEMENTS:
-                raise CodecFileError("size", f"declared shape {s} is too large")
-        if tuple(lat_shape) != self.latent_shape(shape):
+        if lat_shape != self.latent_shape(shape):
             raise CodecFileError("shape", f"latent shape {lat_shape} does not fit data shape {shape}")
+        self.check_sizes(shape, lat_shape, kind)
+        if len(stream) > STREAM_BYTES_PER_LATENT * math.prod(lat_shape) + STREAM_SLACK:
+            raise CodecFileError("size", f"a {len(stream):,}-byte stream is longer than {math.prod(lat_shape):,} "
+                                         "latent values can need")
+        need = self.min_stream_bits(lat_shape)
+        if 8 * len(stream) < need / 2 - 64:  # half the bound, and a coder state's worth of slack
+            raise CodecFileError("size", f"a {len(stream):,}-byte stream is too short for {math.prod(lat_shape):,} "
+                                         f"latent values under this entropy model (at least {need / 8:,.0f} bytes)")
         try:
-            sym = self.tables.decode(stream, tuple(lat_shape))
+            sym = self.tables.decode(stream, lat_shape)
         except PayloadError as err:
             raise CodecFileError(err.reason, err.detail) from None
-        x = self.reconstruct(sym)
         if self.model.cfg.kind == "image":
-            x = x[..., :shape[-2], :shape[-1]]
+            n = sym.shape[0]
+            per = max(1, MAX_DECODE_BYTES // self.decode_bytes(lat_shape))
+            if per >= n:
+                x = self.reconstruct(sym)[..., :shape[-2], :shape[-1]]
+            else:  # a large batch: chunks of at most MAX_DECODE_BYTES of activations
+                x = torch.empty((n, shape[-3], shape[-2], shape[-1]))
+                for i in range(0, n, per):
+                    x[i:i + per] = self.reconstruct(sym[i:i + per])[..., :shape[-2], :shape[-1]]
+        else:
+            rows = len(sym)
+            per = max(1, MAX_DECODE_BYTES // self.decode_bytes(lat_shape))
+            if per >= rows:
+                x = self.reconstruct(sym)
+            else:
+                x = torch.empty((rows, self.model.cfg.dim))
+                for i in range(0, rows, per):
+                    x[i:i + per] = self.reconstruct(sym[i:i + per])
         return x.reshape(shape).numpy(), kind

@@ -30,13 +30,14 @@ from tqdm import tqdm
 
 from ..codecs import ModelSpec, Update, build_codec, build_uplink
 from ..config import Config
-from ..errors import ConfigError
+from ..errors import CodecModelError, ConfigError
 from ..fl import rng as rngs
 from ..fl.client import ClientRuntime, batches
 from ..fl.downlink import Downlink
 from ..fl.simulation import RunState, Simulation, local_training, pooled, run_round
+from ..safetensors_header import load_tensors, read_header
 from .codec import Coder
-from .models import NTC, NTCConfig, NTCTask, build_ntc
+from .models import NTC, PRIOR_PREFIX, NTCConfig, NTCTask, build_ntc, ntc_shapes
 from .sources import NeuralSource
 
 MODES = ("federated", "global", "local")
@@ -105,35 +106,101 @@ class Trained:
 
     @classmethod
     def load(cls, path: str | Path) -> "Trained":
-        from safetensors import safe_open
+        """Read a ``codec.safetensors`` written by :meth:`save`. Nothing in it is trusted: the header
+        is bounded (:data:`MAX_CODEC_HEADER`) and checked before any tensor is read, the metadata must
+        have its types (an architecture within :data:`~fedcodec.neural.models.NTCConfig` limits, a
+        known mode, a finite λ, 1..:data:`MAX_CODEC_CLIENTS` clients), and the tensors must be exactly
+        that architecture's (names, shapes, float32: the shared ones once, the mode's client-local ones
+        once per client). Raises :class:`~fedcodec.errors.CodecModelError` (a ConfigError)."""
+        path = Path(path)
 
-        try:
-            f = safe_open(str(path), framework="pt")
-        except Exception as err:
-            raise ConfigError(f"{path} is not a readable codec file ({err}); train one with 'fedcodec neural train'")
-        with f:
-            meta = f.metadata() or {}
-            if meta.get("format") != "fedcodec-neural-1":
-                raise ConfigError(f"{path} is not a fedcodec neural codec (format {meta.get('format')!r})")
-            try:
-                info = json.loads(meta["info"])
-                keys = list(f.keys())
-                clients = info["clients"]
-                if not isinstance(clients, int) or not 0 <= clients <= len(keys):  # before allocating per client
-                    raise ValueError(f"it declares {clients!r} clients for {len(keys)} tensors")
-                shared, local = {}, [dict() for _ in range(clients)]
-                for k in keys:
-                    if k.startswith("client/"):
-                        _, c, name = k.split("/", 2)
-                        if not 0 <= int(c) < clients:
-                            raise ValueError(f"tensor {k!r} belongs to no declared client")
-                        local[int(c)][name] = f.get_tensor(k)
-                    else:
-                        shared[k] = f.get_tensor(k)
-                return cls(NTCConfig(**info["model"]).validate(), info["mode"], info["lmbda"], shared, local, [],
-                           info["uplink_bytes"], info["uplink_payloads"])
-            except (KeyError, ValueError, TypeError) as err:
-                raise ConfigError(f"{path} is a damaged fedcodec neural codec ({err}); train it again") from None
+        def fail(message: str) -> CodecModelError:
+            return CodecModelError(f"{path} is a damaged fedcodec neural codec: {message}; train it again "
+                                   "with 'fedcodec neural train'")
+
+        header = read_header(path, fail, max_header=MAX_CODEC_HEADER, dtypes=("F32",))
+        meta = header.metadata
+        if meta.get("format") != "fedcodec-neural-1":
+            fmt = meta.get("format")
+            shown = repr(fmt if fmt is None or len(fmt) <= 60 else fmt[:60] + "...")
+            raise CodecModelError(f"{path} is not a fedcodec neural codec (format {shown})")
+        info = _codec_info(meta.get("info"), fail)
+        cfg = info["model"]
+        shapes = ntc_shapes(cfg)  # computed: nothing is allocated for the declared architecture
+        numel = sum(math.prod(s) for s in shapes.values())
+        if numel > MAX_CODEC_PARAMS:
+            raise fail(f"its architecture {cfg} has {numel:,} parameters, more than the {MAX_CODEC_PARAMS:,} allowed")
+        local = local_names_of(shapes, info["mode"])
+        want = {n: s for n, s in shapes.items() if n not in local}
+        want |= {f"client/{c}/{n}": shapes[n] for c in range(info["clients"]) for n in local}
+        have = {k: e.shape for k, e in header.tensors.items()}
+        if set(have) != set(want):
+            missing, extra = sorted(set(want) - set(have)), sorted(set(have) - set(want))
+            raise fail(f"its tensors are not those of a {info['mode']} codec with {info['clients']} clients "
+                       f"(missing: {', '.join(missing[:4]) or '-'}; unexpected: "
+                       f"{', '.join(x[:60] for x in extra[:4]) or '-'})")
+        for k, shape in want.items():
+            if have[k] != shape:
+                raise fail(f"tensor {k!r} has shape {have[k]}, the architecture needs {shape}")
+        tensors = load_tensors(path, fail)
+        shared = {k: v for k, v in tensors.items() if not k.startswith("client/")}
+        per_client: list[dict] = [{} for _ in range(info["clients"])]
+        for k, v in tensors.items():
+            if k.startswith("client/"):
+                _, c, name = k.split("/", 2)
+                per_client[int(c)][name] = v
+        return cls(cfg, info["mode"], info["lmbda"], shared, per_client, [], info["uplink_bytes"],
+                   info["uplink_payloads"])
+
+
+#: a codec.safetensors header (tensor entries and the info JSON) is at most this large
+MAX_CODEC_HEADER = 8 << 20
+#: clients a codec.safetensors may hold
+MAX_CODEC_CLIENTS = 10_000
+#: parameters of a codec's architecture (64 Mi float32: 256 MiB)
+MAX_CODEC_PARAMS = 1 << 26
+_CODEC_INFO = {"model": dict, "mode": str, "lmbda": (int, float), "clients": int, "uplink_bytes": int,
+               "uplink_payloads": int}
+
+
+def local_names_of(shapes: dict[str, tuple[int, ...]], mode: str) -> frozenset[str]:
+    """:func:`local_names` from parameter names alone (what a model built on ``meta`` gives)."""
+    if mode == "federated":
+        return frozenset(n for n in shapes if n.startswith(PRIOR_PREFIX))
+    return frozenset(shapes) if mode == "local" else frozenset()
+
+
+def _codec_info(text: object, fail) -> dict:
+    """The ``info`` metadata of a codec.safetensors, every field checked (see :meth:`Trained.load`)."""
+    if not isinstance(text, str):
+        raise fail("its metadata has no 'info' entry")
+    try:
+        info = json.loads(text)
+    except RecursionError:
+        raise fail("its info metadata nests JSON too deeply") from None
+    except ValueError as err:
+        raise fail(f"its info metadata is not JSON ({str(err)[:80]})") from None
+    if not isinstance(info, dict):
+        raise fail("its info metadata is not a JSON object")
+    for key, kind in _CODEC_INFO.items():
+        if key not in info:
+            raise fail(f"its info metadata has no {key!r}")
+        if not isinstance(info[key], kind) or isinstance(info[key], bool):
+            raise fail(f"its info {key!r} is a JSON {type(info[key]).__name__}")
+    if info["mode"] not in MODES:
+        raise fail(f"unknown training mode {info['mode'][:40]!r}")
+    if not (math.isfinite(info["lmbda"]) and info["lmbda"] > 0):
+        raise fail(f"its lambda {info['lmbda']!r} is not a finite positive number")
+    if not 1 <= info["clients"] <= MAX_CODEC_CLIENTS:
+        raise fail(f"it declares {info['clients']} clients (1..{MAX_CODEC_CLIENTS} allowed)")
+    if not all(0 <= info[k] < 2**63 for k in ("uplink_bytes", "uplink_payloads")):
+        raise fail("its uplink byte or payload count is out of range")
+    try:
+        info["model"] = NTCConfig.parse(info["model"])
+    except ConfigError as err:
+        raise fail(f"its architecture is invalid ({err})") from None
+    info["lmbda"] = float(info["lmbda"])
+    return info
 
 
 def build_simulation(src: NeuralSource, mode: str, lmbda: float, s: Settings) -> tuple[Simulation, RunState]:

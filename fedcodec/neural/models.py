@@ -65,6 +65,25 @@ class NTCConfig:
             raise ConfigError(f"model sizes must be >= 1: {self}")
         return self
 
+    @classmethod
+    def parse(cls, value: object) -> "NTCConfig":
+        """An architecture read from a file: exactly the fields, of their types, within
+        :data:`NTC_LIMITS`; anything else raises :class:`ConfigError`."""
+        names = ("kind", *NTC_LIMITS)
+        if not isinstance(value, dict) or not set(value) <= set(names) or not {"kind", "dim", "latent"} <= set(value):
+            raise ConfigError(f"an architecture is an object of {', '.join(names)} (kind, dim, latent required)")
+        if value["kind"] not in ("vector", "image"):
+            raise ConfigError("model kind must be vector or image")
+        for name, top in NTC_LIMITS.items():
+            v = value.get(name, 1)
+            if type(v) is not int or not 1 <= v <= top:
+                raise ConfigError(f"model {name} must be an integer in 1..{top}")
+        return cls(**value).validate()
+
+
+#: the largest architecture a saved codec may declare (each field's maximum)
+NTC_LIMITS = {"dim": 4096, "latent": 1024, "hidden": 4096, "downs": 8}
+
 
 class NTC(nn.Module):
     """Nonlinear transform coding model; ``forward`` is the training pass with uniform noise."""
@@ -165,6 +184,36 @@ class NTCTask:
             mses.append(float(torch.mean((coder.reconstruct(sym) - x) ** 2)))
         rate, mse = float(np.mean(rates)), float(np.mean(mses))
         return {"rate_est": rate, "mse": mse, "test_loss": rate + self.lmbda * mse}
+
+
+def ntc_shapes(cfg: NTCConfig) -> dict[str, tuple[int, ...]]:
+    """The parameter shapes of ``NTC(cfg)``, by name, computed without building it (a file may
+    declare any architecture: nothing is allocated before its size is known). Kept equal to
+    :class:`NTC` by a test."""
+    h, k, d = cfg.hidden, cfg.latent, cfg.dim
+    shapes: dict[str, tuple[int, ...]] = {}
+    if cfg.kind == "vector":
+        for part, sizes in (("g_a", (d, h, h, k)), ("g_s", (k, h, h, d))):
+            for j in range(3):
+                shapes[f"{part}.{2 * j}.weight"] = (sizes[j + 1], sizes[j])
+                shapes[f"{part}.{2 * j}.bias"] = (sizes[j + 1],)
+    else:
+        for i in range(cfg.downs):
+            last = i == cfg.downs - 1
+            down_in, down_out = d if i == 0 else h, k if last else h
+            up_in, up_out = k if i == 0 else h, d if last else h
+            shapes[f"g_a.{2 * i}.weight"], shapes[f"g_a.{2 * i}.bias"] = (down_out, down_in, 5, 5), (down_out,)
+            shapes[f"g_s.{2 * i}.weight"], shapes[f"g_s.{2 * i}.bias"] = (up_in, up_out, 5, 5), (up_out,)
+            if not last:
+                for part in ("g_a", "g_s"):
+                    shapes[f"{part}.{2 * i + 1}.beta"], shapes[f"{part}.{2 * i + 1}.gamma"] = (h,), (h, h)
+    dims = (1, 3, 3, 3, 1)  # FactorizedPrior's default filters
+    for i in range(len(dims) - 1):
+        shapes[f"prior.matrices.{i}"] = (k, dims[i + 1], dims[i])
+        shapes[f"prior.biases.{i}"] = (k, dims[i + 1], 1)
+        if i < len(dims) - 2:
+            shapes[f"prior.factors.{i}"] = (k, dims[i + 1], 1)
+    return shapes
 
 
 def build_ntc(cfg: NTCConfig, seed: int) -> NTC:
