@@ -30,7 +30,7 @@ log = logging.getLogger("fedcodec.flower.server")
 app = ServerApp()
 
 
-def resume_state(sim, cfg, out: Path):
+def resume_state(sim, cfg, out: Path, expected=None):
     """The run state to continue from ``out/checkpoint.safetensors`` (None: start afresh).
 
     A restarted run gets new Flower contexts on the SuperNodes, so what clients keep between rounds
@@ -48,7 +48,7 @@ def resume_state(sim, cfg, out: Path):
         raise ConfigError(f"cannot resume this Flower run: its clients keep {', '.join(kept)} between rounds, "
                           "which lives in the SuperNodes' per-run state and is lost when the run restarts; "
                           "start it again without resume=true")
-    state = checkpoint.load(path, cfg.to_dict())
+    state = checkpoint.load(path, cfg.to_dict(), expected=expected)
     log.info("resuming after round %d from %s", state.round, path)
     return state
 
@@ -77,7 +77,7 @@ def run_rounds(grid: Grid, cfg, settings: FlowerSettings, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     events = {"nodes": {}, "rounds": []}
     if settings.resume:
-        resumed = resume_state(sim, cfg, out)
+        resumed = resume_state(sim, cfg, out, expected=state.global_params)
         if resumed is not None:
             state = resumed
             if (out / "flower.json").exists():
