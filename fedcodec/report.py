@@ -33,8 +33,8 @@ def summarize(method: str, records: list[dict], spec: ModelSpec) -> dict[str, An
     down = sum(r["downlink_bytes"] for r in records)
     per_client = up / max(uploads, 1)
     setup = sum(r.get("setup_bytes", 0) for r in records)
-    standard = {"round", "clients", "accepted", "rejected", "dropped", "timed_out", "uplink_bytes", "downlink_bytes",
-                "train_loss", "seconds", "accuracy", "test_loss", "eval_seconds", "setup_bytes"}
+    standard = {"round", "clients", "accepted", "rejected", "clipped", "dropped", "timed_out", "uplink_bytes",
+                "downlink_bytes", "train_loss", "seconds", "accuracy", "test_loss", "eval_seconds", "setup_bytes"}
     codec_keys = sorted({k for r in records for k in r if k not in standard})
     return {
         "method": method,
@@ -56,6 +56,7 @@ def summarize(method: str, records: list[dict], spec: ModelSpec) -> dict[str, An
         "ratio_vs_fp32": fp32_reference_bytes(spec) / per_client if per_client else math.nan,
         "seconds_per_round": sum(r["seconds"] for r in records) / len(records),
         "rejected_payloads": sum(r["rejected"] for r in records),
+        "clipped_updates": sum(r.get("clipped", 0) for r in records),
         "dropped_clients": sum(r.get("dropped", 0) for r in records),
         "timed_out_clients": sum(r.get("timed_out", 0) for r in records),
     }

@@ -242,7 +242,8 @@ def run_round(sim, state, transport: Transport, callbacks: tuple[Callback, ...] 
     if new_params is not state.global_params and "state" in taken:  # the step was taken and kept
         state.optimizer_state = taken["state"]
     record = {"round": plan.round, "clients": len(plan.clients), "accepted": len(outcome.accepted),
-              "rejected": len(outcome.rejected), "dropped": len(inbox.dropped), "timed_out": len(inbox.timed_out),
+              "rejected": len(outcome.rejected), "clipped": len(outcome.clipped), "dropped": len(inbox.dropped),
+              "timed_out": len(inbox.timed_out),
               "uplink_bytes": state.ledger.total("up", plan.round),
               "downlink_bytes": state.ledger.total("down", plan.round),
               "train_loss": float(np.mean(inbox.losses)) if inbox.losses else math.nan,

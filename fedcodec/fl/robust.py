@@ -206,10 +206,11 @@ def _group_norm(update: Update, names: list[str]) -> float:
 
 
 def clip(updates: list[tuple[int, float, Update]], tensor_groups: list[list[str]], factor: float,
-         round_num: int = 0) -> list[tuple[int, float, Update]]:
+         round_num: int = 0, clipped: set[int] | None = None) -> list[tuple[int, float, Update]]:
     """Per group of tensors: scale each client's update of the group down to ``factor`` times the
     median norm of that group over ``updates``. Updates that need no clipping are passed on as the
-    same objects, so an honest round's arithmetic is unchanged."""
+    same objects, so an honest round's arithmetic is unchanged. The clients clipped are added to
+    ``clipped``."""
     if not factor or len(updates) < MIN_ROBUST:
         return updates
     scaled: dict[int, dict[str, torch.Tensor]] = {}
@@ -219,6 +220,8 @@ def clip(updates: list[tuple[int, float, Update]], tensor_groups: list[list[str]
         for i, (client, _, upd) in enumerate(updates):
             if float(norms[i]) > bound:
                 scale = bound / float(norms[i])
+                if clipped is not None:
+                    clipped.add(client)
                 for n in names:
                     scaled.setdefault(i, {})[n] = (upd[n].double() * scale).to(upd[n].dtype)
                 log.info("round %d: client %d's %s clipped from norm %.4g to %.4g", round_num, client,

@@ -24,6 +24,7 @@ log = logging.getLogger("fedcodec.server")
 class RoundOutcome:
     accepted: list[int] = field(default_factory=list)
     rejected: dict[int, str] = field(default_factory=dict)
+    clipped: set[int] = field(default_factory=set)  # accepted, but scaled down (fedcodec.fl.robust.clip)
 
 
 FLOAT32_MAX = float(torch.finfo(torch.float32).max)
@@ -51,20 +52,20 @@ ApplyStep = Callable[[Update, dict[str, torch.Tensor]], Update]
 
 def aggregate(spec: ModelSpec, global_params: Update, updates: list[tuple[int, float, Update]],
               algorithm: Algorithm | None = None, apply: ApplyStep | None = None,
-              defense: Defense | None = None, round_num: int = 0) -> Update:
+              defense: Defense | None = None, round_num: int = 0, clipped: set[int] | None = None) -> Update:
     """Global + the algorithm's aggregate of the updates (default: the example-weighted mean),
     summed in client-id order in float64; ``apply`` (a server optimizer's step) decides how the
     aggregate moves the model, else it is added.
 
     ``defense`` (None: no defence) clips the updates and may replace the mean by a robust rule
-    (:mod:`fedcodec.fl.robust`)."""
+    (:mod:`fedcodec.fl.robust`); the clients it clipped are added to ``clipped``."""
     if not updates:
         return global_params
     updates = sorted(updates, key=lambda u: u[0])
     names = robust.robust_names(algorithm, spec)
     if defense is not None:
-        clipped = spec.names if algorithm is None or algorithm.additive_step else names
-        updates = robust.clip(updates, robust.groups(spec, clipped), defense.clip_factor, round_num)
+        tensors = spec.names if algorithm is None or algorithm.additive_step else names
+        updates = robust.clip(updates, robust.groups(spec, tensors), defense.clip_factor, round_num, clipped)
     step = algorithm.aggregate(spec, global_params, updates) if algorithm is not None else weighted_mean(spec, updates)
     if defense is not None and defense.aggregator != "mean" and len(updates) >= robust.MIN_ROBUST:
         step = step | robust.robust_mean(updates, names, defense)
@@ -152,7 +153,7 @@ def server_round(uplink: Uplink, spec: ModelSpec, global_params: Update, round_n
         log.warning("round %d: only %d of %d payloads usable (< %d); global model unchanged",
                     round_num, len(decoded), len(payloads), min_clients)
         return global_params, outcome
-    new = aggregate(spec, global_params, decoded, uplink.algorithm, apply, defense, round_num)
+    new = aggregate(spec, global_params, decoded, uplink.algorithm, apply, defense, round_num, outcome.clipped)
     if defense.statistics:
         new = robust.check_statistics(global_params, new, round_num)
     if not all(torch.isfinite(t).all() for t in new.values()):  # defence in depth; overflows() prevents it
