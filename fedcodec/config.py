@@ -507,13 +507,9 @@ def read_toml(file: str | Path) -> dict[str, Any]:
     too long to parse in bounded time (:data:`MAX_DOTTED_COST`). (Dotted keys parse without
     recursion; :func:`coerce` refuses any table where a scalar belongs, naming the key, without
     walking it.)"""
-    try:
-        with Path(file).open("rb") as fh:
-            data = fh.read(MAX_CONFIG_BYTES + 1)
-    except FileNotFoundError:
-        raise ConfigError(f"config file {file} does not exist") from None
-    except OSError as err:
-        raise ConfigError(f"config file {file} cannot be read: {err.strerror or err}") from None
+    from .files import read_bounded
+
+    data = read_bounded(file, MAX_CONFIG_BYTES, "config file")
     if len(data) > MAX_CONFIG_BYTES:
         raise ConfigError(f"config file {file} is larger than {MAX_CONFIG_BYTES} bytes; a config file holds "
                           "a few keys")

@@ -219,7 +219,7 @@ def test_toml_files_that_cannot_be_read(tmp_path):
     f.write_bytes(b"rounds = 3 # \xff\n")
     assert error(build_config, None, f) == f"config file {f} is not UTF-8 text"
     assert error(build_config, None, tmp_path / "nope.toml") == f"config file {tmp_path / 'nope.toml'} does not exist"
-    assert error(build_config, None, tmp_path) == f"config file {tmp_path} cannot be read: Is a directory"
+    assert error(build_config, None, tmp_path) == f"config file {tmp_path} is a directory, not a file"
 
 
 def test_flower_run_config():

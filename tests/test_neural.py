@@ -208,8 +208,9 @@ def test_fedmrn_trains_the_shared_transforms_and_the_prior_stays_local(monkeypat
 
     def spy(uplink, spec, global_params, rnd, payloads, *a, **kw):
         for client, (data, _) in payloads.items():
-            seen.append((rnd, client, uplink.decode(data, server_mod.CodecContext(spec, client=client, round=rnd,
-                                                                                  reference=global_params))))
+            ctx = server_mod.CodecContext(spec, client=client, round=rnd, seed=kw["seed_of"](client),
+                                          reference=global_params)
+            seen.append((rnd, client, uplink.decode(data, ctx)))
         return real(uplink, spec, global_params, rnd, payloads, *a, **kw)
 
     monkeypatch.setattr("fedcodec.fl.loop.server_round", spy)

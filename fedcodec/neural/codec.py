@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from ..errors import CodecFileError, ConfigError, PayloadError
+from ..files import read_bounded
 from .entropy import PRECISION, RAW, RAW_MIN, Tables
 from .models import NTC
 
@@ -59,13 +60,7 @@ def read_file(path: str | Path) -> bytes:
     """The bytes of a ``.fcn`` file, refusing (before reading) one larger than :data:`MAX_FILE_BYTES`;
     a missing or unreadable file is a :class:`ConfigError`."""
     path = Path(path)
-    try:
-        with path.open("rb") as f:
-            data = f.read(MAX_FILE_BYTES + 1)
-    except FileNotFoundError:
-        raise ConfigError(f"{path} does not exist") from None
-    except OSError as err:
-        raise ConfigError(f"{path} cannot be read ({err.strerror or err})") from None
+    data = read_bounded(path, MAX_FILE_BYTES)
     if len(data) > MAX_FILE_BYTES:
         raise CodecFileError("size", f"{path} is larger than any .fcn file ({MAX_FILE_BYTES:,} bytes at most)")
     return data
