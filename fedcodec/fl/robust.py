@@ -25,7 +25,8 @@ the rest, on the server, after every payload of the round is decoded:
    mean), or the unweighted rules Flower users know: ``median`` (coordinate-wise), ``trimmed-mean``
    (drop the ``trim_fraction`` largest and smallest values of each coordinate; Flower's
    FedTrimmedAvg), ``krum`` (the update closest to its ``n - f - 2`` nearest neighbours, for
-   ``f = krum_byzantine`` assumed attackers; Blanchard et al. 2017). They replace the mean of the
+   ``f = krum_byzantine`` assumed attackers; Blanchard et al. 2017). With fewer than
+   :data:`MIN_ROBUST` updates in a round they fall back to the mean. They replace the mean of the
    tensors an algorithm aggregates by a mean; FedPM's posterior and signSGD's vote aggregate their
    kernels their own way (each client moves a coordinate by at most one count or vote), so only
    their dense tensors are robustly aggregated. Clipping applies to every tensor of an additive
