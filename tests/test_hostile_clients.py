@@ -130,7 +130,7 @@ def test_fedmrn_payload_fields_are_bound_to_the_run():
     assert uplink.codec.decode(honest, ctx)["fc.bias"].tolist() == [0.0]
     with pytest.raises(PayloadError, match=r"\(binding\): mask binary, noise uniform, alpha 10; this run uses "
                                            r"mask binary, noise uniform, alpha 0.0099999998"):
-        uplink.codec.decode(scale_fedmrn_alpha(honest, 1000.0), ctx)
+        uplink.codec.decode(scale_fedmrn_alpha(honest, 1000.0, "fedmrn", SPEC.fingerprint), ctx)
     with pytest.raises(PayloadError, match=r"\(binding\): seed 0x4d is not this client-round's seed"):
         uplink.codec.decode(honest, CodecContext(SPEC, client=2, round=4, seed=78))
 

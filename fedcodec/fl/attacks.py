@@ -30,11 +30,11 @@ from __future__ import annotations
 
 import dataclasses
 import struct
-import zlib
 
 import numpy as np
 
-from ..codecs import CodecContext
+from ..codecs import CodecContext, wire
+from ..codecs.autoencoder import SETUP_ID
 from ..errors import ConfigError
 from . import rng as rngs
 from .loop import DROPPED, OK, Reply
@@ -104,7 +104,7 @@ class HostileTransport:
                                      lambda u: {n: (-1.0 - ref[n]) if n.endswith("running_var") else v
                                                 for n, v in u.items()})
         elif self.attack == "alpha":
-            payload = scale_fedmrn_alpha(honest.payload, f)
+            payload = scale_fedmrn_alpha(honest.payload, f, self.sim.runtime.uplink.codec_id, spec.fingerprint)
         elif self.attack == "replay":
             if not self.previous:
                 return None
@@ -113,7 +113,7 @@ class HostileTransport:
         elif self.attack == "decoder":
             if honest.setup is None:
                 return None
-            return {c: dataclasses.replace(honest, setup=scale_ae_decoder(honest.setup, f))}
+            return {c: dataclasses.replace(honest, setup=scale_ae_decoder(honest.setup, f, spec.fingerprint))}
         else:  # foreign-decoder: file its own decoder and update under the next sampled client
             victims = [v for v in plan.clients if v > c] or [v for v in plan.clients if v != c]
             if honest.setup is None or not victims:
@@ -124,35 +124,19 @@ class HostileTransport:
         return {c: dataclasses.replace(honest, payload=payload)}
 
 
-# offsets of fedcodec.codecs.wire's envelope: magic 4 | version 1 | id_len 1 | id | fingerprint 8 | length 4
-
-
-def _rewrap(payload: bytes, body: bytes) -> bytes:
-    """``payload``'s envelope around ``body`` with a correct length and CRC."""
-    view = memoryview(payload)
-    id_len = view[5]
-    head = bytearray(view[:6 + id_len + 8])
-    head += struct.pack("<I", len(body)) + body
-    return bytes(head + struct.pack("<I", zlib.crc32(head)))
-
-
-def _body(payload: bytes) -> bytes:
-    id_len = payload[5]
-    return payload[6 + id_len + 12:-4]
-
-
-def scale_fedmrn_alpha(payload: bytes, factor: float) -> bytes:
-    """A FedMRN payload with its alpha field (body bytes 10..13) times ``factor``, CRC fixed."""
-    body = bytearray(_body(payload))
+def scale_fedmrn_alpha(payload: bytes, factor: float, codec_id: str, fingerprint: bytes) -> bytes:
+    """A FedMRN payload (wire id ``codec_id``, model ``fingerprint``) with its alpha field (body bytes
+    10..13, after the seed and the two kind bytes) times ``factor``, in a correct envelope."""
+    body = bytearray(wire.unpack(payload, codec_id, fingerprint))
     (alpha,) = struct.unpack_from("<f", body, 10)
     struct.pack_into("<f", body, 10, alpha * factor)
-    return _rewrap(payload, bytes(body))
+    return wire.pack(codec_id, fingerprint, bytes(body))
 
 
-def scale_ae_decoder(message: bytes, factor: float) -> bytes:
-    """An AE decoder message (``ae-decoder``) with every float32 weight times ``factor``."""
-    body = bytearray(_body(message))
-    dtype = "<f2" if body[12] else "<f4"  # the dtype code: 0 float32, 1 float16
+def scale_ae_decoder(message: bytes, factor: float, fingerprint: bytes) -> bytes:
+    """An AE decoder message (``ae-decoder``) with every weight times ``factor`` (clipped to its dtype's range)."""
+    body = bytearray(wire.unpack(message, SETUP_ID, fingerprint))
+    dtype = "<f2" if body[12] else "<f4"  # after chunk, latent, hidden (u32 each): dtype code 0 f32, 1 f16
     w = np.frombuffer(bytes(body[13:]), dtype).astype(np.float64) * factor
     body[13:] = np.clip(w, -np.finfo(dtype).max, np.finfo(dtype).max).astype(dtype).tobytes()
-    return _rewrap(message, bytes(body))
+    return wire.pack(SETUP_ID, fingerprint, bytes(body))

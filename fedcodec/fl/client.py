@@ -236,7 +236,7 @@ def client_fit(runtime: ClientRuntime, broadcast: bytes, x: torch.Tensor, y: tor
     A broadcast the client cannot take in raises :class:`~fedcodec.fl.downlink.DownlinkError` before
     anything is trained or stored (see :func:`client_receive`)."""
     global_params = runtime.downlink.receive(broadcast, round_num, client, state)
-    seed = rngs.derive_seed(runtime.run_seed, round_num, rngs.CLIENT_NOISE, client)
+    seed = rngs.codec_seed(runtime.run_seed, round_num, client)  # the seed the server checks
     metrics: dict[str, float] = {}
     ctx = CodecContext(runtime.spec, client=client, round=round_num, seed=seed,
                        rng=rngs.torch_generator(rngs.derive_seed(runtime.run_seed, round_num, rngs.CLIENT_CODEC,
