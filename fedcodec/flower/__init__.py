@@ -14,4 +14,19 @@ The round loop is fedcodec's own (:func:`fedcodec.fl.loop.run_round`); Flower on
   (``fedcodec flower ...`` and the tests).
 
 The app project that ``flwr run`` takes is ``flower_app/`` at the repository root.
+
+fedcodec's codecs in *any* Flower app (the app keeps its own model, data, training and strategy):
+
+- :func:`codec_mod` — the ClientApp mod: ``ClientApp(mods=[codec_mod])``.
+- :class:`CompressedStrategy` — wraps the ServerApp's strategy: ``CompressedStrategy(FedAvg(), codec="qsgd")``;
+  its :class:`BandwidthLedger` records every message's bytes.
+- :func:`compressed_training` — around the app's own training loop, for codecs that change local
+  training (FedMRN, FedBAT).
+- :mod:`fedcodec.flower.protocol` — what travels between the two.
 """
+
+from .mod import codec_mod
+from .strategy import BandwidthLedger, CompressedStrategy
+from .training import compressed_training
+
+__all__ = ["BandwidthLedger", "CompressedStrategy", "codec_mod", "compressed_training"]

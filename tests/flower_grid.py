@@ -1,0 +1,76 @@
+"""An in-process Flower Grid for tests: every message crosses a protobuf round trip (as on the wire)
+and is handled by a ClientApp in this process, one Context per node kept across rounds."""
+
+from __future__ import annotations
+
+from typing import Callable, Iterable
+
+from flwr.app import Context, Message, RecordDict
+from flwr.common.serde import message_from_proto, message_to_proto
+from flwr.proto.message_pb2 import Message as ProtoMessage
+from flwr.serverapp import Grid
+from flwr.supercore.task_identity import TaskIdentity
+
+
+def wire(message: Message) -> tuple[Message, int]:
+    """``message`` after serialization and parsing, and its size on the wire in bytes."""
+    data = message_to_proto(message).SerializeToString()
+    proto = ProtoMessage()
+    proto.ParseFromString(data)
+    return message_from_proto(proto), len(data)
+
+
+class InProcessGrid(Grid):
+    """``num_nodes`` nodes (ids 101, 102, ...; ``partition-id`` 0, 1, ...) answering through ``client_app``.
+
+    ``tamper(node, reply)`` may replace a reply before the server sees it (a hostile node). Replies
+    come back sorted by node id, so aggregation order is fixed. ``sizes`` records each message's wire
+    size as ``(node, direction, message_type, bytes)``."""
+
+    def __init__(self, client_app, num_nodes: int, run_config: dict,
+                 tamper: Callable[[int, Message], Message] | None = None):
+        TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 0
+        self.app = client_app
+        self.nodes = [101 + i for i in range(num_nodes)]
+        self.contexts = {n: Context(run_id=1, node_id=n, node_config={"partition-id": i, "num-partitions": num_nodes},
+                                    state=RecordDict(), run_config=dict(run_config))
+                         for i, n in enumerate(self.nodes)}
+        self.tamper = tamper
+        self.sizes: list[tuple[int, str, str, int]] = []
+        self.replies: list[Message] = []  # as the server received them
+
+    def set_run(self, run) -> None:
+        pass
+
+    @property
+    def run(self):
+        raise NotImplementedError
+
+    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None) -> Message:
+        return Message(content, dst_node_id=dst_node_id, message_type=message_type, group_id=group_id, ttl=ttl)
+
+    def get_node_ids(self) -> Iterable[int]:
+        return list(self.nodes)
+
+    def push_messages(self, messages):
+        raise NotImplementedError
+
+    def pull_messages(self, message_ids):
+        raise NotImplementedError
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        replies = []
+        for msg in messages:
+            node = msg.metadata.dst_node_id
+            kind = msg.metadata.message_type
+            received, size = wire(msg)
+            self.sizes.append((node, "down", kind, size))
+            reply = self.app(received, self.contexts[node])
+            if self.tamper is not None:
+                reply = self.tamper(node, reply)
+            reply, size = wire(reply)
+            self.sizes.append((node, "up", kind, size))
+            replies.append(reply)
+        replies.sort(key=lambda m: m.metadata.src_node_id)
+        self.replies.extend(replies)
+        return replies
