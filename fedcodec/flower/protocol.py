@@ -209,8 +209,12 @@ class Layout:
         for item in items:
             if not (isinstance(item, list) and len(item) == 3 and isinstance(item[0], str) and isinstance(item[1], str)
                     and isinstance(item[2], list) and len(item[2]) <= MAX_DIMS
-                    and all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d < MAX_VALUES for d in item[2])):
-                raise ConfigError(f"malformed layout entry {str(item)[:80]!r}: expected [name, dtype, [dims...]]")
+                    and all(isinstance(d, int) and not isinstance(d, bool) for d in item[2])):
+                raise ConfigError(f"malformed layout entry {str(item)[:80]!r}: expected [name, dtype, [dims...]] "
+                                  f"with at most {MAX_DIMS} integer dimensions")
+            if not all(0 <= d < MAX_VALUES for d in item[2]):
+                raise ConfigError(f"layout entry {item[0][:60]!r}: a dimension out of range (0 to {MAX_VALUES - 1}; "
+                                  "at most this many values in all)")
             name, dtype, shape = item[0], item[1], tuple(item[2])
             try:
                 dt = np.dtype(dtype)

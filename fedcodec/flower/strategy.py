@@ -10,7 +10,7 @@ Its node half is :func:`~fedcodec.flower.mod.codec_mod`; the message format is
 from __future__ import annotations
 
 import csv
-import logging
+from logging import INFO, WARNING
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +22,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MetricRecord, Re
 from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
+from flwr.supercore import log as flwr_log  # Flower's logger: the ledger's lines show with the strategy's
 
 from ..codecs import CodecContext, ModelSpec, Update
 from ..config import parse_options
@@ -31,7 +32,6 @@ from ..fl.downlink import Downlink
 from .protocol import (PAYLOAD, RECORD, CodecChoice, array_bytes, config_record, downlink_codec, entries_of,
                        float_tensors, layout_of, model_record, others, rebuild, spec_of, uplink_for_flower)
 
-log = logging.getLogger("fedcodec.flower.strategy")
 
 UP, DOWN = "up", "down"
 #: ledger columns
@@ -218,7 +218,8 @@ class CompressedStrategy(Strategy):
     def summary(self) -> None:
         down = "Flower arrays" if self.down_choice is None else \
             f"{self.down_codec.codec_id} {self.down_choice.options or ''}{' (delta)' if self.delta else ''}"
-        log.info("fedcodec: uplink %s %s, downlink %s", self.uplink.codec_id, self.choice.options or "", down)
+        flwr_log(INFO, "\t├──> fedcodec: uplink %s %s, downlink %s", self.uplink.codec_id,
+                 self.choice.options or "", down)
         self.strategy.summary()
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
@@ -243,7 +244,7 @@ class CompressedStrategy(Strategy):
                 decoded.append(self._decode(reply, server_round))
             except Exception as err:  # noqa: BLE001  (anything a node sends must not stop the server)
                 reason = err.args[0] if isinstance(err, ConfigError) and err.args else str(err)
-                log.warning("fedcodec: round %d, reply of node %d refused: %s", server_round, node, reason)
+                flwr_log(WARNING, "fedcodec: round %d, reply of node %d refused: %s", server_round, node, reason)
                 self.ledger.add(server_round, node, UP, "train", self.uplink.codec_id, _reply_bytes(reply), 0,
                                 "rejected", reason)
                 decoded.append(_error(reply, reason))
@@ -391,7 +392,7 @@ class CompressedStrategy(Strategy):
             r = rows[0]
             up = f"{r['up_ratio']:.1f}x" if r["up_ratio"] else "-"
             down = f"{r['down_ratio']:.1f}x" if r["down_ratio"] else "-"
-            log.info("fedcodec: round %d: uplink %d replies, %s B (%s smaller); downlink %d messages, %s B (%s); "
+            flwr_log(INFO, "fedcodec: round %d: uplink %d replies, %s B (%s smaller); downlink %d messages, %s B (%s); "
                      "%d refused", server_round, r["up_messages"], f"{r['up_bytes']:,}", up, r["down_messages"],
                      f"{r['down_bytes']:,}", down, r["refused"])
         self.ledger.write()

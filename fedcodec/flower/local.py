@@ -1,5 +1,9 @@
-"""An in-process Flower Grid for tests: every message crosses a protobuf round trip (as on the wire)
-and is handled by a ClientApp in this process, one Context per node kept across rounds."""
+"""An in-process Flower Grid: a ServerApp's strategy and a ClientApp in one Python process, every
+message through a protobuf round trip as on the wire, one Context per node kept across rounds.
+
+For tests and benchmarks of an app (``tests/test_flower_mods.py``, ``benchmarks/flower_example.py``):
+deterministic (nodes answer in order, replies come back sorted by node id) and fast (no processes).
+``flwr run`` is what deploys the same app."""
 
 from __future__ import annotations
 
@@ -25,7 +29,8 @@ class InProcessGrid(Grid):
 
     ``tamper(node, reply)`` may replace a reply before the server sees it (a hostile node). Replies
     come back sorted by node id, so aggregation order is fixed. ``sizes`` records each message's wire
-    size as ``(node, direction, message_type, bytes)``."""
+    size as ``(node, direction, message_type, bytes)``; ``phases`` each ``send_and_receive`` call as
+    ``(message_type, replies)``."""
 
     def __init__(self, client_app, num_nodes: int, run_config: dict,
                  tamper: Callable[[int, Message], Message] | None = None):
@@ -37,7 +42,7 @@ class InProcessGrid(Grid):
                          for i, n in enumerate(self.nodes)}
         self.tamper = tamper
         self.sizes: list[tuple[int, str, str, int]] = []
-        self.replies: list[Message] = []  # as the server received them
+        self.phases: list[tuple[str, list[Message]]] = []  # each call's replies, as the server received them
 
     def set_run(self, run) -> None:
         pass
@@ -59,7 +64,7 @@ class InProcessGrid(Grid):
         raise NotImplementedError
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
-        replies = []
+        replies, kind = [], ""
         for msg in messages:
             node = msg.metadata.dst_node_id
             kind = msg.metadata.message_type
@@ -72,5 +77,5 @@ class InProcessGrid(Grid):
             self.sizes.append((node, "up", kind, size))
             replies.append(reply)
         replies.sort(key=lambda m: m.metadata.src_node_id)
-        self.replies.extend(replies)
+        self.phases.append((kind, replies))
         return replies
