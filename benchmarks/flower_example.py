@@ -87,10 +87,8 @@ def table(out: Path) -> str:
     base = results.get("unmodified")
     lines = ["| method | accuracy after each round (%) | final | uplink payload B/update | ratio | "
              "uplink message on the wire B | s |", "|---|---|---|---|---|---|---|"]
-    for name in METHODS:
-        r = results.get(name)
-        if r is None:
-            continue
+    for name in [*[m for m in METHODS if m in results], *sorted(set(results) - set(METHODS))]:
+        r = results[name]
         acc = " ".join(f"{100 * a:.1f}" for a in r["accuracy"])
         payload = _mean(r["payload_bytes"]) if r["payload_bytes"] else None
         plain = _mean(base["wire_up_bytes"]) if base else None
@@ -115,16 +113,23 @@ def main() -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--data-dir", default="/usr/share/datasets/fashion-mnist")
-    p.add_argument("--only", action="append", choices=sorted(METHODS))
+    p.add_argument("--only", action="append", help="run only this method (repeatable)")
+    p.add_argument("--add", nargs=3, action="append", default=[], metavar=("NAME", "CODEC", "OPTIONS"),
+                   help='another method of the fedcodec app, e.g. --add fedmrn-a0.05 fedmrn "alpha=0.05"')
     p.add_argument("--table", action="store_true", help="print the table of the results in --out and exit")
     args = p.parse_args()
     args.out = args.out.resolve()
+    for name, codec, options in args.add:
+        METHODS[name] = (FEDCODEC, codec, options)
     if args.table:
         print(table(args.out))
         return 0
     torch.set_num_threads(args.threads)
     logging.getLogger("flwr").setLevel(logging.WARNING)
     args.out.mkdir(parents=True, exist_ok=True)
+    unknown = set(args.only or []) - set(METHODS)
+    if unknown:
+        p.error(f"unknown method(s) {sorted(unknown)}; known: {sorted(METHODS)} (or --add one)")
     for name in args.only or METHODS:
         target = args.out / f"{name}.json"
         if target.exists():

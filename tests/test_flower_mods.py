@@ -297,3 +297,21 @@ def test_example_runs_with_flwr_run(tmp_path, simulation):
     for rnd in (1, 2):
         assert f"fedcodec: round {rnd}: uplink {NODES} replies, {NODES * 6_517:,} B" in out, out[-3000:]
     assert "refused" not in out.replace("0 refused", "")
+
+
+def test_the_two_examples_differ_only_by_fedcodec_lines():
+    """The fedcodec example is the plain one plus the README's diff: same task.py, and in the apps' Python
+    files 3 lines changed and 4 added (2 imports, the mod, the wrapper's second line, the with block)."""
+    import difflib
+
+    assert (PLAIN / "quickstart/task.py").read_text() == (FEDCODEC / "quickstart/task.py").read_text()
+    added = removed = 0
+    for name in ("client_app.py", "server_app.py", "__init__.py"):
+        a = (PLAIN / "quickstart" / name).read_text().splitlines()
+        b = (FEDCODEC / "quickstart" / name).read_text().splitlines()
+        for line in difflib.unified_diff(a, b, lineterm="", n=0):
+            if line.startswith(("+++", "---")):
+                continue
+            added += line.startswith("+")
+            removed += line.startswith("-")
+    assert (removed, added) == (3, 7)

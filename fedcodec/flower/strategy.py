@@ -214,6 +214,12 @@ class CompressedStrategy(Strategy):
         self._stores: dict[int, dict[str, torch.Tensor]] = {}  # per node: the server's codec and downlink state
         self._downlinks: dict[bytes, Downlink] = {}
 
+    def __getattr__(self, name: str):
+        """Anything else is the wrapped strategy's (``fraction_train``, FedOpt's ``current_arrays``, ...)."""
+        if name == "strategy":  # not set yet (during __init__)
+            raise AttributeError(name)
+        return getattr(self.strategy, name)
+
     # -- the Strategy interface ---------------------------------------------------------------
     def summary(self) -> None:
         down = "Flower arrays" if self.down_choice is None else \
