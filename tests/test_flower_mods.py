@@ -105,6 +105,10 @@ def test_lossless_codec_gives_the_unmodified_apps_model(tmp_path, monkeypatch):
     plain_up = [s for n, d, k, s in plain_grid.sizes if d == "up" and k == "train"]
     coded_up = [s for n, d, k, s in grid.sizes if d == "up" and k == "train"]
     assert all(0 < s - 177_730 < 1000 for s in coded_up) and min(plain_up) > 178_984
+    rounds = list(csv.DictReader((tmp_path / "coded" / "bandwidth-rounds.csv").open()))
+    assert [(r["round"], r["up_messages"], r["up_bytes"], r["refused"]) for r in rounds] == \
+        [("1", "3", str(3 * 177_730), "0"), ("2", "3", str(3 * 177_730), "0")]
+    assert float(rounds[0]["up_ratio"]) == pytest.approx(178_984 / 177_730)
 
 
 def test_mod_alone_changes_nothing(tmp_path, monkeypatch):
@@ -270,13 +274,13 @@ def test_layout_bounds(layout, says):
         Layout.parse(layout)
 
 
-def _flwr_run(tmp_path, simulation: bool, **config):
+def _flwr_run(tmp_path, simulation: bool, nodes: int, **config):
     from fedcodec.flower.launch import LocalFederation, processes_with_home
 
     items = [f"{k}={v!r}" if isinstance(v, str) else f"{k}={str(v).lower() if isinstance(v, bool) else v}"
              for k, v in {**BASE, **config}.items()]
     items = [i.replace("'", '"') for i in items]
-    fed = LocalFederation(NODES, workdir=tmp_path / "flwr", insecure=True, simulation=simulation)
+    fed = LocalFederation(nodes, workdir=tmp_path / "flwr", insecure=True, simulation=simulation)
     try:
         fed.start()
         result = fed.run([" ".join(items)], app_dir=FEDCODEC, timeout=300)
@@ -288,14 +292,16 @@ def _flwr_run(tmp_path, simulation: bool, **config):
     return result.output
 
 
-@pytest.mark.parametrize("simulation", [True, False], ids=["simulation-engine", "loopback-superlink"])
-def test_example_runs_with_flwr_run(tmp_path, simulation):
+@pytest.mark.parametrize("simulation, nodes, rounds", [(True, 3, 2), (False, 2, 2)],
+                         ids=["simulation-engine", "loopback-superlink"])
+def test_example_runs_with_flwr_run(tmp_path, simulation, nodes, rounds):
     """``flwr run`` of the fedcodec example: on Flower's simulation engine, and on a loopback SuperLink
     with SuperNodes (each message in a fresh ClientApp process, the EF memory in the node's state):
     every round's replies arrive as codec payloads of the pinned length, none refused."""
-    out = _flwr_run(tmp_path, simulation, codec="signsgd", **{"codec-options": "ef=true"})
-    for rnd in (1, 2):
-        assert f"fedcodec: round {rnd}: uplink {NODES} replies, {NODES * 6_517:,} B" in out, out[-3000:]
+    out = _flwr_run(tmp_path, simulation, nodes, codec="signsgd",
+                    **{"codec-options": "ef=true", "num-server-rounds": rounds})
+    for rnd in range(1, rounds + 1):
+        assert f"fedcodec: round {rnd}: uplink {nodes} replies, {nodes * 6_517:,} B" in out, out[-3000:]
     assert "refused" not in out.replace("0 refused", "")
 
 

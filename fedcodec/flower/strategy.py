@@ -36,6 +36,9 @@ from .protocol import (PAYLOAD, RECORD, CodecChoice, array_bytes, config_record,
 UP, DOWN = "up", "down"
 #: ledger columns
 FIELDS = ("round", "node", "direction", "message", "codec", "bytes", "uncompressed", "status", "reason")
+#: the per-round summary's columns
+ROUND_FIELDS = ("round", "up_messages", "up_bytes", "up_uncompressed", "up_ratio", "down_messages", "down_bytes",
+                "down_uncompressed", "down_ratio", "refused")
 
 
 class BandwidthLedger:
@@ -94,18 +97,24 @@ class BandwidthLedger:
         return out
 
     def write(self, path: str | Path | None = None) -> Path | None:
-        """Write the rows as CSV to ``path`` (default: the ledger's own); returns the path written."""
+        """Write the rows as CSV to ``path`` (default: the ledger's own), and :meth:`summary` beside it
+        (``bandwidth.csv`` → ``bandwidth-rounds.csv``); returns the path of the rows."""
         target = Path(path) if path is not None else self.path
         if target is None:
             return None
         target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_suffix(target.suffix + ".tmp")
-        with tmp.open("w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=FIELDS)
-            writer.writeheader()
-            writer.writerows(self.rows)
-        tmp.replace(target)
+        _write_csv(target, FIELDS, self.rows)
+        _write_csv(target.with_name(f"{target.stem}-rounds{target.suffix}"), ROUND_FIELDS, self.summary())
         return target
+
+
+def _write_csv(target: Path, fields: tuple[str, ...], rows: list[dict[str, Any]]) -> None:
+    tmp = target.with_suffix(target.suffix + ".tmp")
+    with tmp.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows)
+    tmp.replace(target)
 
 
 @dataclass
