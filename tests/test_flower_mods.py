@@ -321,3 +321,65 @@ def test_the_two_examples_differ_only_by_fedcodec_lines():
             added += line.startswith("+")
             removed += line.startswith("-")
     assert (removed, added) == (3, 7)
+
+
+def _extra_record(reply):
+    from flwr.app import ArrayRecord
+    reply.content["more"] = ArrayRecord({"x": torch.zeros(3)})
+    return reply
+
+
+def _without_mod(reply):  # what a node without codec_mod sends: the float arrays themselves
+    from flwr.app import ArrayRecord
+    del reply.content[RECORD]
+    reply.content["arrays"] = ArrayRecord(load_app(PLAIN)[2].Net().state_dict())
+    return reply
+
+
+def _wrong_key(reply):
+    record = reply.content[RECORD]
+    reply.content[RECORD] = ConfigRecord({"payload": record["payload"], "arrays-key": 7})
+    return reply
+
+
+def _infinite(reply):  # a well-formed fp16 payload whose values overflow
+    from fedcodec.codecs import CodecContext, build_codec
+    from fedcodec.flower.protocol import spec_of
+    from flwr.app import ArrayRecord
+    spec = spec_of(ArrayRecord(load_app(PLAIN)[2].Net().state_dict()))
+    update = {t.name: torch.full(t.shape, 6e4) for t in spec.tensors}
+    update["fc3.bias"] = torch.full((10,), float("inf"))
+    payload = build_codec("fp16").encode(update, CodecContext(spec, 0, 1))
+    reply.content[RECORD] = ConfigRecord({"payload": payload, "arrays-key": "arrays"})
+    return reply
+
+
+@pytest.mark.parametrize("tamper, says", [
+    (_extra_record, "unexpected ArrayRecord"),
+    (_without_mod, "add fedcodec.flower.codec_mod"),
+    (_wrong_key, "names ArrayRecord '7'"),
+    (_infinite, "nonfinite|Inf|NaN"),
+])
+def test_hostile_replies_are_refused_with_their_reason(tmp_path, monkeypatch, tamper, says):
+    import re
+
+    def hostile(node, reply):
+        return tamper(reply) if node == 102 else reply
+
+    model, ledger, _, _ = run_app(tmp_path, monkeypatch, FEDCODEC, tamper=hostile, codec="fp16",
+                                  **{"codec-options": "", "num-server-rounds": 1})
+    refused = up_rows(ledger, "rejected")
+    assert [r["node"] for r in refused] == ["102"]
+    assert re.search(says, refused[0]["reason"]), refused[0]["reason"]
+    assert len(up_rows(ledger)) == NODES - 1
+    assert all(torch.isfinite(v).all() for v in model.values())
+
+
+def test_fedbat_in_the_apps_own_training_loop(tmp_path, monkeypatch):
+    """FedBAT (learned-step stochastic binarization) through compressed_training: its step sizes are
+    extra latents of the model during the block; one bit per kernel weight on the wire."""
+    model, ledger, _, _ = run_app(tmp_path, monkeypatch, FEDCODEC, codec="fedbat",
+                                  **{"codec-options": "", "num-server-rounds": 1})
+    assert {int(r["bytes"]) for r in up_rows(ledger)} == {6_516}
+    assert list(model) == list(load_app(PLAIN)[2].Net().state_dict())
+    assert all(torch.isfinite(v).all() for v in model.values())
