@@ -432,6 +432,9 @@ class Config:
     out_dir: str = setting("runs", "output root directory", flag="--out")
     checkpoint_every: int = setting(1, "rounds between checkpoints", at_least=1)
     threads: int | None = setting(None, "torch CPU threads (none: torch's choice)", flag="--threads")
+    device: str = setting("cpu", "where models train and evaluate: cpu, cuda (or cuda:N), mps, or auto (a GPU when "
+                          "there is one); bit-exact reproducibility is a CPU promise (fedcodec.fl.device)",
+                          flag="--device")
 
     def method_spec(self) -> Method:
         if self.method not in METHODS:
@@ -463,6 +466,9 @@ class Config:
         for ok, msg in checks:
             if not ok:
                 raise ConfigError(msg)
+        from .fl.device import resolve_device
+
+        resolve_device(self.device)  # a device this machine lacks fails here, before any data is loaded
         from .codecs import build_codec, build_uplink
         from .fl.robust import Defense
         from .fl.server_opt import ServerOptimizerConfig
