@@ -118,7 +118,7 @@ def _cmd_run(args) -> int:
 
     from .data import load_dataset
     from .fl.runner import run_method
-    from .report import atomic_write_text, markdown_table, plot, run_title
+    from .report import atomic_write_text, markdown_table, plot, results_text, run_title, time_table
 
     configs, root = _configs(args)
     first = configs[0]
@@ -130,11 +130,11 @@ def _cmd_run(args) -> int:
         runs[cfg.method], summary = run_method(cfg, source, root / cfg.method, resume=args.resume,
                                                progress=not args.no_progress)
         summaries.append(summary)
-    table = markdown_table(summaries)
     title = run_title(first.to_dict())
-    atomic_write_text(root / "results.md", f"# {title}\n\n{table}\n")
+    atomic_write_text(root / "results.md", results_text(title, summaries))
     plot(runs, root / "plot.png", title)
-    print(f"\n{title}\n{table}\n\nresults: {root}/results.md  plot: {root}/plot.png")
+    print(f"\n{title}\n{markdown_table(summaries)}\n\nseconds per round, by part:\n{time_table(summaries)}\n\n"
+          f"results: {root}/results.md  plot: {root}/plot.png")
     return 0
 
 
