@@ -48,9 +48,9 @@ def test_accuracy_and_loss_do_not_depend_on_the_evaluation_batch():
 
 
 def test_evaluation_batch_is_chosen_for_the_device():
-    assert eval_batch_size("cpu") == EVAL_BATCH["cpu"] == 128
+    assert eval_batch_size("cpu") == EVAL_BATCH["cpu"] == 256
     assert eval_batch_size(torch.device("cuda")) == 1024
-    assert eval_batch_size("meta") == 128  # a device without its own entry gets the CPU's
+    assert eval_batch_size("meta") == 256  # a device without its own entry gets the CPU's
     with pytest.raises(Exception, match="evaluation batch size must be >= 1"):
         Classification(SOURCE.test_x, SOURCE.test_y, 0)
 

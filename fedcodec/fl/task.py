@@ -87,15 +87,17 @@ class Classification:
         return {"accuracy": correct / len(x), "test_loss": loss / len(x)}
 
 
-#: evaluation batch per device type: on the 2-core CPU of docs/RESULTS.md §2 batches of 64-128 evaluate
-#: fastest (1000 was 1.6x slower per image: the activations outgrow the caches); an accelerator wants
-#: large batches to fill it
-EVAL_BATCH = {"cpu": 128, "cuda": 1024, "mps": 512}
+#: evaluation batch per device type. On the 2-core CPU of docs/RESULTS.md §2, batches of 64-256 evaluate
+#: fastest on a quiet machine (1000 is about 1.7x slower per image: the activations outgrow the caches),
+#: but many small batches collapse when another process takes a core (each operator's threads wait on
+#: each other): 256 is within noise of the best when quiet and of 1000 under contention. An accelerator
+#: wants large batches to fill it
+EVAL_BATCH = {"cpu": 256, "cuda": 1024, "mps": 512}
 
 
 def eval_batch_size(device: torch.device | str) -> int:
     """The evaluation batch size for ``device`` (see :data:`EVAL_BATCH`)."""
-    return EVAL_BATCH.get(torch.device(device).type, 128)
+    return EVAL_BATCH.get(torch.device(device).type, EVAL_BATCH["cpu"])
 
 
 class TaskLoss(nn.Module):
