@@ -220,7 +220,7 @@ def client_metrics(reported: list[dict]) -> dict[str, float]:
     return {CLIENT_METRICS + k: float(np.mean(v)) for k, v in sorted(values.items())}
 
 
-def time_split(plan: RoundPlan, replies: dict[int, Reply], outcome: RoundOutcome, plan_seconds: float,
+def time_split(replies: dict[int, Reply], outcome: RoundOutcome, plan_seconds: float,
                exchange_seconds: float) -> dict[str, float]:
     """Where a round's wall time went (the record's ``*_seconds`` entries; ``seconds`` is the total,
     ``eval_seconds`` is added by evaluation):
@@ -277,7 +277,7 @@ def run_round(sim, state, transport: Transport, callbacks: tuple[Callback, ...] 
               "downlink_bytes": state.ledger.total("down", plan.round),
               "train_loss": float(np.mean(inbox.losses)) if inbox.losses else math.nan,
               "seconds": time.perf_counter() - t0}
-    record.update(time_split(plan, replies, outcome, t_plan - t0, t_exchange - t_plan))
+    record.update(time_split(replies, outcome, t_plan - t0, t_exchange - t_plan))
     if inbox.setups:
         record["setup_bytes"] = sum(len(b) for b in inbox.setups.values())
     record.update(client_metrics(inbox.metrics))
