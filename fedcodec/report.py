@@ -34,8 +34,8 @@ def summarize(method: str, records: list[dict], spec: ModelSpec) -> dict[str, An
     per_client = up / max(uploads, 1)
     setup = sum(r.get("setup_bytes", 0) for r in records)
     standard = {"round", "clients", "accepted", "rejected", "clipped", "dropped", "timed_out", "uplink_bytes",
-                "downlink_bytes", "train_loss", "seconds", "accuracy", "test_loss", "eval_seconds", "setup_bytes"}
-    codec_keys = sorted({k for r in records for k in r if k not in standard})
+                "downlink_bytes", "train_loss", "accuracy", "test_loss", "setup_bytes"}
+    codec_keys = sorted({k for r in records for k in r if k not in standard and not k.endswith("seconds")})
     return {
         "method": method,
         "rounds": len(records),
@@ -55,11 +55,61 @@ def summarize(method: str, records: list[dict], spec: ModelSpec) -> dict[str, An
         "bits_per_parameter": 8 * per_client / spec.numel(),
         "ratio_vs_fp32": fp32_reference_bytes(spec) / per_client if per_client else math.nan,
         "seconds_per_round": sum(r["seconds"] for r in records) / len(records),
+        "time_split": time_split(records),
         "rejected_payloads": sum(r["rejected"] for r in records),
         "clipped_updates": sum(r.get("clipped", 0) for r in records),
         "dropped_clients": sum(r.get("dropped", 0) for r in records),
         "timed_out_clients": sum(r.get("timed_out", 0) for r in records),
     }
+
+
+#: the parts of a round's wall time: (name in the summary and the table, record key); see
+#: :func:`fedcodec.fl.loop.time_split`
+TIME_PARTS = (("train", "train_seconds"), ("exchange", "exchange_seconds"), ("code", "code_seconds"),
+              ("aggregate", "aggregate_seconds"), ("evaluate", "eval_seconds"))
+
+
+def time_split(records: list[dict]) -> dict[str, float]:
+    """Mean seconds per round of each part of :data:`TIME_PARTS` the records hold (``evaluate``
+    averages over all rounds, evaluated or not), the ``total`` (round plus evaluation), the number of
+    ``evaluations`` and their mean ``seconds_per_evaluation``. Records written before the split was
+    kept have no parts; their total and evaluations are still given."""
+    n = max(len(records), 1)
+    out = {part: sum(r[key] for r in records if key in r) / n for part, key in TIME_PARTS
+           if any(key in r for r in records)}
+    evals = [r["eval_seconds"] for r in records if "eval_seconds" in r]
+    out["total"] = sum(r["seconds"] + r.get("eval_seconds", 0.0) for r in records) / n
+    out["evaluations"] = len(evals)
+    out["seconds_per_evaluation"] = sum(evals) / len(evals) if evals else math.nan
+    return out
+
+
+def time_table(summaries: list[dict]) -> str:
+    """Where each method's rounds spent their time: mean seconds per round of training, coding
+    (encode + decode, both ways), aggregation and evaluation, the rest (ledger, checks, bookkeeping)
+    and the total; then how many evaluations ran and what one cost. An ``exchange`` column appears for
+    runs whose clients were remote (their training and coding are not split)."""
+    splits = [s.get("time_split") or {} for s in summaries]
+    parts = [p for p, _ in TIME_PARTS if p != "exchange" or any("exchange" in t for t in splits)]
+    head = ("| method | " + " | ".join(f"{p} s" for p in parts) + " | rest s | total s/round | evaluations "
+            "| s/evaluation |\n|---|" + "---:|" * (len(parts) + 4))
+    rows = []
+    for s, t in zip(summaries, splits):
+        if "total" not in t:  # a summary written before the split was kept
+            rows.append(f"| {s['method']} | " + " | ".join("-" for _ in parts) + " | - | "
+                        f"{s['seconds_per_round']:.2f} | - | - |")
+            continue
+        rest = t["total"] - sum(t.get(p, 0.0) for p in parts)
+        cells = [f"{t[p]:.2f}" if p in t else "-" for p in parts]
+        rows.append(f"| {s['method']} | " + " | ".join(cells) + f" | {rest:.2f} | {t['total']:.2f} "
+                    f"| {t['evaluations']} | {t['seconds_per_evaluation']:.2f} |")
+    return "\n".join([head, *rows])
+
+
+def results_text(title: str, summaries: list[dict]) -> str:
+    """The body of ``results.md``: the results table, then the time split per method."""
+    return (f"# {title}\n\n{markdown_table(summaries)}\n\n"
+            f"Seconds per round, by part (`fedcodec.fl.loop.time_split`):\n\n{time_table(summaries)}\n")
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -179,7 +229,8 @@ def rebuild(root: Path) -> str:
 
     Lets methods of one setting run in separate processes (or machines) and be reported together;
     FedAvg comes first so the ratio column is relative to it. A method with a checkpoint but no
-    metrics yet is included, marked unfinished with its round count. Returns the table.
+    metrics yet is included, marked unfinished with its round count. Returns the results table and
+    the time-split table (:func:`time_table`).
     """
     loaded = []
     for d in sorted((p for p in root.iterdir() if p.is_dir()), key=lambda p: (p.name != "fedavg", p.name)):
@@ -194,7 +245,7 @@ def rebuild(root: Path) -> str:
 
         raise ConfigError(f"no <method>/metrics.json under {root}; point at a run folder such as runs/<name>")
     title = run_title(loaded[0]["config"])
-    table = markdown_table([m["summary"] for m in loaded])
-    atomic_write_text(root / "results.md", f"# {title}\n\n{table}\n")
+    summaries = [m["summary"] for m in loaded]
+    atomic_write_text(root / "results.md", results_text(title, summaries))
     plot({m["summary"]["method"]: m["rounds"] for m in loaded}, root / "plot.png", title)
-    return f"{title}\n{table}"
+    return f"{title}\n{markdown_table(summaries)}\n\n{time_table(summaries)}"

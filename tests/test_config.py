@@ -3,6 +3,7 @@ flags and --help, --set, TOML files, Flower's run config and the Flower app's de
 
 from __future__ import annotations
 
+import re
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,7 +12,7 @@ from typing import Literal
 import pytest
 
 from fedcodec.cli import _configs, build_parser, main
-from fedcodec.config import (CONFIG_KEYS, MAX_CONFIG_BYTES, Config, build_config, coerce, describe,
+from fedcodec.config import (CONFIG_KEYS, MAX_CONFIG_BYTES, PRESETS, Config, build_config, coerce, describe,
                              parse_assignments)
 from fedcodec.errors import ConfigError
 from fedcodec.flower.common import RUN_CONFIG_KEYS, FlowerSettings, parse_run_config
@@ -294,3 +295,23 @@ def test_flower_command_checks_set_before_starting(capsys):
     assert "unknown run-config key 'local-epoch'; did you mean 'local-epochs'?" in capsys.readouterr().err
     assert main(["flower", "simulate", "--set", "rounds=2.5"]) == 2
     assert "rounds expects an integer >= 1, got 2.5" in capsys.readouterr().err
+
+
+def test_the_quick_preset_is_what_the_readme_says():
+    """README command 1 is ``fedcodec run``: the quick preset and ``run``'s default methods. The
+    paragraph under the quick start states both; they must be the code's."""
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    quick = " ".join(readme[readme.index("## Quick start"):readme.index("## Using it")].split())  # one line
+    stated = re.search(r"`--preset quick`: (\d+) rounds, (\d+) of (\d+) clients per round, (\d+) local epochs?, "
+                       r"evaluated every (\d+) rounds and after the last", quick)
+    assert stated, "the README's quick-start paragraph no longer states the quick preset"
+    cfg = build_config("quick")
+    assert PRESETS["quick"] == {"rounds": 16, "local_epochs": 1, "num_clients": 100, "clients_per_round": 5,
+                                "eval_every": 8}
+    assert tuple(map(int, stated.groups())) == (cfg.rounds, cfg.clients_per_round, cfg.num_clients, cfg.local_epochs,
+                                                cfg.eval_every) == (16, 5, 100, 1, 8)
+    assert (cfg.dataset, cfg.partition, cfg.device) == ("fashion-mnist", "iid", "cpu")
+    args = build_parser().parse_args(["run"])
+    assert args.preset == "quick"
+    assert args.method.split(",") == ["fedavg", "fedmrn-binary-ec"]
+    assert "FedAvg (`fedavg`)" in quick and "(`fedmrn-binary-ec`)" in quick

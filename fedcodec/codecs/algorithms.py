@@ -27,11 +27,36 @@ class Parametrization:
     ``init()`` may return extra trainable tensors under names that are not model tensors (FedBAT's
     learned step sizes), and ``finish()`` may return side values under names containing ``/`` that
     only the matching codec's ``encode`` reads; the engine passes them through untouched.
+
+    A parametrization is built on the CPU; a run on another device calls :meth:`to` once before
+    ``init()``. Random draws go through :meth:`uniform`, which draws from the client's CPU generator
+    and moves the result, so the draws are the same on every device (:mod:`fedcodec.fl.device`).
     """
 
     names: tuple[str, ...] = ()
     #: the latent tensors' learning rate is the client's lr times this; they get no weight decay
     lr_scale: float = 1.0
+    #: where training runs (set by :meth:`to`)
+    device: torch.device = torch.device("cpu")
+    #: the client-round's generator of the draws (:meth:`uniform`); None: torch's global generator
+    gen: torch.Generator | None = None
+
+    def to(self, device: torch.device) -> "Parametrization":
+        """Move the frozen tensors this parametrization holds (every tensor attribute, and every
+        dict of tensors) to ``device``, once; later draws land there too. Returns ``self``."""
+        device = torch.device(device)
+        if device != self.device:
+            for name, value in list(vars(self).items()):
+                if isinstance(value, torch.Tensor):
+                    setattr(self, name, value.to(device))
+                elif isinstance(value, dict) and value and all(isinstance(v, torch.Tensor) for v in value.values()):
+                    setattr(self, name, {k: v.to(device) for k, v in value.items()})
+            self.device = device
+        return self
+
+    def uniform(self, shape: torch.Size | tuple[int, ...]) -> torch.Tensor:
+        """U[0, 1) float32 values of ``shape`` from :attr:`gen` (a CPU generator), on :attr:`device`."""
+        return torch.rand(shape, generator=self.gen).to(self.device)
 
     def init(self) -> Update:
         raise NotImplementedError

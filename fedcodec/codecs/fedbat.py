@@ -66,8 +66,9 @@ class StochasticBinaryTraining(Parametrization):
     def init(self) -> Update:
         out = {}
         for t in self.specs:
-            out[t.name] = torch.zeros(t.shape, requires_grad=True)
-            out[t.name + LOG_STEP] = torch.tensor(math.log(self.step), dtype=torch.float32, requires_grad=True)
+            out[t.name] = torch.zeros(t.shape, device=self.device, requires_grad=True)
+            out[t.name + LOG_STEP] = torch.tensor(math.log(self.step), dtype=torch.float32, device=self.device,
+                                                  requires_grad=True)
         return out
 
     def deltas(self, latent: Update, progress: float) -> Update:
@@ -76,7 +77,7 @@ class StochasticBinaryTraining(Parametrization):
             u, alpha = latent[n], torch.exp(latent[n + LOG_STEP])
             with torch.no_grad():
                 p = binarize_probability(u, alpha)
-                b = (torch.rand(u.shape, generator=self.gen) < p).to(torch.float32) * 2.0 - 1.0
+                b = (self.uniform(u.shape) < p).to(torch.float32) * 2.0 - 1.0
             out[n] = alpha * b + (u - u.detach())  # d/dΔ = 1 (straight through), d/dα = b
         return out
 

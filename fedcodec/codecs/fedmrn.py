@@ -120,7 +120,7 @@ class MaskedNoiseTraining(Parametrization):
 
     def _sample(self, p: torch.Tensor) -> torch.Tensor:
         if self.sm:
-            bits = torch.rand(p.shape, generator=self.gen) < p
+            bits = self.uniform(p.shape) < p
         else:
             bits = p > 0.5
         return bits_to_mask(bits, self.mask)
@@ -136,7 +136,7 @@ class MaskedNoiseTraining(Parametrization):
                 ratio = u / noise
                 value = self._sample(mask_probability(ratio, self.mask))
                 if self.pm:
-                    keep = torch.rand(u.shape, generator=self.gen) < progress
+                    keep = self.uniform(u.shape) < progress
                     value = torch.where(keep, value, self._continuous(ratio))
                 value = value * noise
             out[n] = value + (u - u.detach())  # exact forward value; straight-through: d(out)/dU = 1

@@ -129,7 +129,7 @@ class BernoulliMaskTraining(Parametrization):
         for n in self.names:
             w0, p = self.w0[n], torch.sigmoid(latent[n])
             with torch.no_grad():
-                value = w0 * (torch.rand(p.shape, generator=self.gen) < p) - self.base[n]
+                value = w0 * (self.uniform(p.shape) < p) - self.base[n]
             soft = w0 * p
             out[n] = value + (soft - soft.detach())  # value w0*m; gradient as if w0*sigmoid(s)
         return out

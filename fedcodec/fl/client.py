@@ -7,6 +7,7 @@ both call :func:`client_fit`.
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass, field, replace
 from typing import Iterator
 
@@ -16,6 +17,7 @@ from torch.func import functional_call
 
 from ..codecs import CodecContext, ModelSpec, Parametrization, Prepass, Update, Uplink
 from ..errors import ConfigError
+from .device import to_cpu, to_device
 from .downlink import Downlink
 from . import rng as rngs
 from .task import Classification, Task, TaskLoss
@@ -44,7 +46,9 @@ def restore_optimizer(opt: torch.optim.Optimizer, params: dict[str, nn.Parameter
     """Give ``opt`` the per-parameter state kept in a client's store (nothing on a first round)."""
     for name, p in params.items():
         prefix = f"{OPTIM}{name}/"
-        kept = {k[len(prefix):]: v.clone() for k, v in state.items() if k.startswith(prefix)}
+        # per-element state joins its parameter's device; scalars (Adam's step count) stay on the CPU
+        kept = {k[len(prefix):]: v.to(p.device, copy=True) if v.dim() else v.clone() for k, v in state.items()
+                if k.startswith(prefix)}
         for key, value in kept.items():
             if value.dim() and value.shape != p.shape:
                 raise ConfigError(f"the kept optimizer state {prefix}{key} has shape {tuple(value.shape)}, the "
@@ -58,13 +62,17 @@ def keep_optimizer(opt: torch.optim.Optimizer, params: dict[str, nn.Parameter],
     for name, p in params.items():
         for key, value in opt.state.get(p, {}).items():
             if isinstance(value, torch.Tensor):
-                state[f"{OPTIM}{name}/{key}"] = value.detach().clone()
+                state[f"{OPTIM}{name}/{key}"] = value.detach().to("cpu", copy=True)
 
 
 @dataclass
 class ClientRuntime:
     """What a client process holds across rounds: its model object, the spec and the codecs.
-    (Per-client state, such as error-feedback memory, is kept by the caller: see :func:`client_fit`.)"""
+    (Per-client state, such as error-feedback memory, is kept by the caller: see :func:`client_fit`.)
+
+    The model is moved to ``device`` once, here. What goes in and out stays on the CPU: :meth:`load`
+    takes tensors on any device, :meth:`snapshot` and the client's store hold CPU tensors, and
+    :func:`client_fit` hands its codec CPU tensors (:mod:`fedcodec.fl.device`)."""
 
     model: nn.Module
     spec: ModelSpec
@@ -75,14 +83,18 @@ class ClientRuntime:
     #: personalized tensors: trained by each client, kept in its store, never sent (the model's
     #: other tensors make up ``spec``). A client starts from the model's initial values.
     local: frozenset[str] = frozenset()
+    #: where the model trains and evaluates
+    device: torch.device = torch.device("cpu")
 
     def __post_init__(self) -> None:
+        self.device = torch.device(self.device)
+        self.model.to(self.device)  # in place: a CPU model stays the very same tensors
         self.tensors = dict(self.model.named_parameters()) | dict(self.model.named_buffers())
         overlap = self.local & set(self.spec.names)
         if overlap:
             raise ConfigError(f"tensors {sorted(overlap)} are both local and shared; build the spec with "
                               "ModelSpec.from_model(model, local=...)")
-        self.local_init = {n: self.tensors[n].detach().clone() for n in sorted(self.local)}
+        self.local_init = {n: self.tensors[n].detach().to("cpu", copy=True) for n in sorted(self.local)}
 
     def load(self, params: Update) -> None:
         with torch.no_grad():
@@ -90,7 +102,8 @@ class ClientRuntime:
                 self.tensors[name].copy_(value)
 
     def snapshot(self) -> Update:
-        return {t.name: self.tensors[t.name].detach().clone() for t in self.spec.tensors}
+        """The shared tensors' current values, as CPU copies."""
+        return {t.name: self.tensors[t.name].detach().to("cpu", copy=True) for t in self.spec.tensors}
 
     def local_tensors(self, state: dict[str, torch.Tensor]) -> Update:
         """A client's personalized tensors as its store holds them (initial values if it has none yet)."""
@@ -106,13 +119,17 @@ class ClientRuntime:
 
     def save_local(self, state: dict[str, torch.Tensor] | None) -> None:
         if self.local and state is not None:
-            state.update({LOCAL + n: self.tensors[n].detach().clone() for n in self.local_init})
+            state.update({LOCAL + n: self.tensors[n].detach().to("cpu", copy=True) for n in self.local_init})
 
 
-def batches(num: int, batch_size: int, gen: torch.Generator) -> Iterator[torch.Tensor]:
-    """Positions of one shuffled epoch in batches; a trailing batch of one sample is dropped
-    (BatchNorm cannot train on a single sample)."""
+def batches(num: int, batch_size: int, gen: torch.Generator,
+            device: torch.device | None = None) -> Iterator[torch.Tensor]:
+    """Positions of one shuffled epoch in batches, on ``device`` (None: the CPU); a trailing batch of
+    one sample is dropped (BatchNorm cannot train on a single sample). The permutation is drawn from
+    ``gen`` on the CPU, so it is the same on every device."""
     perm = torch.randperm(num, generator=gen)
+    if device is not None:
+        perm = perm.to(device)
     for start in range(0, num, batch_size):
         chunk = perm[start:start + batch_size]
         if len(chunk) > 1:
@@ -139,6 +156,7 @@ def local_train(runtime: ClientRuntime, global_params: Update, x: torch.Tensor, 
                 snapshots: list[Update] | None = None, snapshot_steps: frozenset[int] = frozenset(),
                 store: dict[str, torch.Tensor] | None = None) -> tuple[Update, float]:
     """Train from ``global_params`` on (x, y); return the update and the mean loss of the last epoch.
+    ``global_params``, ``x``, ``y`` and ``param`` are on the model's device, and so is the update.
     After each step whose number (1-based) is in ``snapshot_steps``, the update so far is appended
     to ``snapshots`` (a codec's pre-pass; plain training only). With ``cfg.keep_state`` the optimizer
     starts from the state kept in ``store`` and leaves its new state there."""
@@ -163,7 +181,7 @@ def local_train(runtime: ClientRuntime, global_params: Update, x: torch.Tensor, 
     step, last_loss = 0, math.nan
     for _ in range(cfg.epochs):
         loss_sum, count = 0.0, 0
-        for idx in batches(len(x), cfg.batch_size, shuffle):
+        for idx in batches(len(x), cfg.batch_size, shuffle, x.device):
             xb, yb = x[idx], y[idx]
             if param is None:
                 loss = runtime.task.loss(model, xb, yb, shuffle)
@@ -197,14 +215,15 @@ def prepass(runtime: ClientRuntime, global_params: Update, x: torch.Tensor, y: t
             plan: Prepass, shuffle: torch.Generator) -> list[Update]:
     """A codec's pre-pass: plain local training from ``global_params`` for ``plan.epochs`` epochs
     (None: ``cfg.epochs``), recording the update ``plan.snapshots`` times at evenly spaced steps
-    (the last one at the final step). The trained model is discarded."""
+    (the last one at the final step), returned as CPU tensors for the codec. The trained model is
+    discarded."""
     epochs = plan.epochs or cfg.epochs
     total = epochs * steps_per_epoch(len(x), cfg.batch_size)
     count = min(plan.snapshots, total)
     at = frozenset(round(total * (i + 1) / count) for i in range(count)) if count else frozenset()
     snaps: list[Update] = []
     local_train(runtime, global_params, x, y, replace(cfg, epochs=epochs), None, shuffle, snaps, at)
-    return snaps
+    return [to_cpu(snap) for snap in snaps]
 
 
 def client_receive(runtime: ClientRuntime, broadcast: bytes, round_num: int, client: int,
@@ -228,20 +247,28 @@ def client_fit(runtime: ClientRuntime, broadcast: bytes, x: torch.Tensor, y: tor
 
     If the codec asks for a pre-pass (the AE codec, on a client's first selection), the client runs
     it first and ``info["setup"]`` holds the codec's setup message (bytes the server must receive
-    before the payload: the AE's decoder). ``info["codec"]`` holds the codec's metrics.
+    before the payload: the AE's decoder). ``info["codec"]`` holds the codec's metrics, and
+    ``info["seconds"]`` the client's wall time split into ``train`` (local training, pre-pass included)
+    and ``code`` (decoding the broadcast, fitting the codec, encoding the update).
+
+    ``x`` and ``y`` are on ``runtime.device``; the broadcast is decoded on the CPU and moved there once,
+    the update is moved back to the CPU once, before the codec encodes it.
 
     A model with client-local tensors (``runtime.local``) trains them from the client's store and puts
     them back there; only the shared tensors (``runtime.spec``) are in the update.
 
     A broadcast the client cannot take in raises :class:`~fedcodec.fl.downlink.DownlinkError` before
     anything is trained or stored (see :func:`client_receive`)."""
+    t0 = time.perf_counter()
     global_params = runtime.downlink.receive(broadcast, round_num, client, state)
+    seconds = {"train": 0.0, "code": time.perf_counter() - t0}
     seed = rngs.codec_seed(runtime.run_seed, round_num, client)  # the seed the server checks
     metrics: dict[str, float] = {}
     ctx = CodecContext(runtime.spec, client=client, round=round_num, seed=seed,
                        rng=rngs.torch_generator(rngs.derive_seed(runtime.run_seed, round_num, rngs.CLIENT_CODEC,
                                                                  client)),
                        reference=global_params, state=state, metrics=metrics)
+    on_device = to_device(global_params, runtime.device)  # the one move of the broadcast (none on the CPU)
     info: dict = {"num_examples": len(x)}
     plan = runtime.uplink.setup.prepass(ctx) if runtime.uplink.setup is not None else None
     if plan is not None:
@@ -250,16 +277,29 @@ def client_fit(runtime: ClientRuntime, broadcast: bytes, x: torch.Tensor, y: tor
                               "store (client_fit(..., state=...))")
         gen = rngs.torch_generator(rngs.derive_seed(runtime.run_seed, round_num, rngs.PREPASS, client))
         runtime.load_local(state)  # the pre-pass trains them too; its result is discarded
-        info["setup"] = runtime.uplink.setup.fit(prepass(runtime, global_params, x, y, cfg, plan, gen), ctx)
+        t0 = time.perf_counter()
+        snapshots = prepass(runtime, on_device, x, y, cfg, plan, gen)
+        t1 = time.perf_counter()
+        info["setup"] = runtime.uplink.setup.fit(snapshots, ctx)
+        seconds["train"] += t1 - t0
+        seconds["code"] += time.perf_counter() - t1
     param = runtime.uplink.algorithm.parametrization(ctx, global_params)
+    if param is not None:
+        param.to(runtime.device)
     shuffle = rngs.torch_generator(rngs.derive_seed(runtime.run_seed, round_num, rngs.CLIENT_TRAIN, client))
     if cfg.keep_state and state is None:
         raise ConfigError("keeping the optimizer state between rounds needs the client's store "
                           "(client_fit(..., state=...))")
+    t0 = time.perf_counter()
     runtime.load_local(state)
-    update, loss = local_train(runtime, global_params, x, y, cfg, param, shuffle, store=state)
+    update, loss = local_train(runtime, on_device, x, y, cfg, param, shuffle, store=state)
     runtime.save_local(state)
+    update = to_cpu(update)  # the one move of the update (none on the CPU): codecs code CPU tensors
+    t1 = time.perf_counter()
     payload = runtime.uplink.encode(update, ctx)
+    seconds["train"] += t1 - t0
+    seconds["code"] += time.perf_counter() - t1
     info["train_loss"] = loss
     info["codec"] = metrics
+    info["seconds"] = seconds
     return payload, info

@@ -79,6 +79,9 @@ class Reply:
     #: the client refused its broadcast and kept its copy of the model as it was (a delta downlink's
     #: replica of it is now unknown: the next broadcast to it is the whole model). Status DROPPED.
     resync: bool = False
+    #: the client's wall time, ``{"train": s, "code": s}`` (``client_fit``'s ``info["seconds"]``), where
+    #: the transport knows it (in-process); empty otherwise
+    seconds: dict[str, float] = field(default_factory=dict)
 
 
 class Transport(Protocol):
@@ -147,7 +150,7 @@ class InProcessTransport:
                 continue
             replies[c] = Reply(c, TIMED_OUT if c in plan.late else OK, payload=payload, setup=info.get("setup"),
                                num_examples=info["num_examples"], train_loss=info["train_loss"],
-                               metrics=info.get("codec", {}),
+                               metrics=info.get("codec", {}), seconds=info.get("seconds", {}),
                                reason="simulated straggler" if c in plan.late else "")
         return replies
 
@@ -217,13 +220,39 @@ def client_metrics(reported: list[dict]) -> dict[str, float]:
     return {CLIENT_METRICS + k: float(np.mean(v)) for k, v in sorted(values.items())}
 
 
+def time_split(replies: dict[int, Reply], outcome: RoundOutcome, plan_seconds: float,
+               exchange_seconds: float) -> dict[str, float]:
+    """Where a round's wall time went (the record's ``*_seconds`` entries; ``seconds`` is the total,
+    ``eval_seconds`` is added by evaluation):
+
+    - ``train_seconds``: the clients' local training, summed over clients (pre-passes included);
+    - ``code_seconds``: encoding and decoding, both ways: the broadcasts, the clients' decoding of
+      them, their codec fits and encodes, the server's decoding and checks of every payload;
+    - ``aggregate_seconds``: clipping, aggregation, the server optimizer's step.
+
+    In-process clients report their own time (:attr:`Reply.seconds`). Remote clients (Flower) do not,
+    so their training and coding are not split: the round records ``exchange_seconds`` (from the
+    broadcast to the last reply) instead of ``train_seconds``, and ``code_seconds`` is the server's
+    share only."""
+    timed = [r.seconds for r in replies.values() if r.seconds]
+    split = {"code_seconds": plan_seconds + sum(s.get("code", 0.0) for s in timed) + outcome.decode_seconds,
+             "aggregate_seconds": outcome.aggregate_seconds}
+    if timed or not replies:
+        split["train_seconds"] = sum(s.get("train", 0.0) for s in timed)
+    else:
+        split["exchange_seconds"] = exchange_seconds
+    return split
+
+
 def run_round(sim, state, transport: Transport, callbacks: tuple[Callback, ...] = ()):
     """Advance ``state`` by one round through ``transport``; append the round's record and return
     ``state``. ``callbacks(state, report)`` run after the record is in (checkpoints, files)."""
     cfg = sim.cfg
     t0 = time.perf_counter()
     plan = plan_round(sim, state, transport.reachable)
+    t_plan = time.perf_counter()
     replies = transport.exchange(plan, state)
+    t_exchange = time.perf_counter()
     inbox = ingest(sim, state, plan, replies)
     for c, why in sorted(inbox.dropped.items()):
         log.info("round %d: client %d dropped (%s)", plan.round, c, why)
@@ -248,6 +277,7 @@ def run_round(sim, state, transport: Transport, callbacks: tuple[Callback, ...] 
               "downlink_bytes": state.ledger.total("down", plan.round),
               "train_loss": float(np.mean(inbox.losses)) if inbox.losses else math.nan,
               "seconds": time.perf_counter() - t0}
+    record.update(time_split(replies, outcome, t_plan - t0, t_exchange - t_plan))
     if inbox.setups:
         record["setup_bytes"] = sum(len(b) for b in inbox.setups.values())
     record.update(client_metrics(inbox.metrics))

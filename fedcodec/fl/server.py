@@ -6,6 +6,7 @@ Shared by the in-process simulator and the Flower strategy.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -25,6 +26,9 @@ class RoundOutcome:
     accepted: list[int] = field(default_factory=list)
     rejected: dict[int, str] = field(default_factory=dict)
     clipped: set[int] = field(default_factory=set)  # accepted, but scaled down (fedcodec.fl.robust.clip)
+    #: wall time spent decoding (setup messages and payloads, with their checks) and aggregating
+    decode_seconds: float = 0.0
+    aggregate_seconds: float = 0.0
 
 
 FLOAT32_MAX = float(torch.finfo(torch.float32).max)
@@ -103,6 +107,7 @@ def server_round(uplink: Uplink, spec: ModelSpec, global_params: Update, round_n
     """
     defense = defense if defense is not None else Defense()
     outcome = RoundOutcome()
+    t0 = time.perf_counter()
     decoded = []
     failed_setup: dict[int, str] = {}
     replays = robust.ReplayGuard(stores, defense.replay_window)
@@ -149,6 +154,8 @@ def server_round(uplink: Uplink, spec: ModelSpec, global_params: Update, round_n
         outcome.accepted.append(client)
     for client in outcome.accepted:
         replays.remember(client, payloads[client][0])
+    t1 = time.perf_counter()
+    outcome.decode_seconds = t1 - t0
     if len(decoded) < min_clients:
         log.warning("round %d: only %d of %d payloads usable (< %d); global model unchanged",
                     round_num, len(decoded), len(payloads), min_clients)
@@ -156,6 +163,7 @@ def server_round(uplink: Uplink, spec: ModelSpec, global_params: Update, round_n
     new = aggregate(spec, global_params, decoded, uplink.algorithm, apply, defense, round_num, outcome.clipped)
     if defense.statistics:
         new = robust.check_statistics(global_params, new, round_num)
+    outcome.aggregate_seconds = time.perf_counter() - t1
     if not all(torch.isfinite(t).all() for t in new.values()):  # defence in depth; overflows() prevents it
         log.error("round %d: aggregate is not finite; global model unchanged", round_num)
         return global_params, outcome

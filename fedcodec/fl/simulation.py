@@ -22,6 +22,7 @@ from ..models import build_model
 from . import loop
 from . import rng as rngs
 from .client import ClientRuntime, LocalTraining
+from .device import resolve_device
 from .downlink import Downlink
 from .ledger import Ledger
 from .robust import Defense
@@ -115,8 +116,13 @@ class Simulation:
 
 
 def setup(cfg: Config, source: FederatedSource) -> tuple[Simulation, RunState]:
-    """Build the simulation (model, codecs, client partition) and the initial state."""
+    """Build the simulation (model, codecs, client partition) and the initial state.
+
+    The model, the training inputs and targets and the test set are moved to ``cfg.device`` here,
+    once (on the CPU nothing is copied); the global model, the ledger and every client's store stay
+    on the CPU (:mod:`fedcodec.fl.device`)."""
     cfg.validate()
+    device = resolve_device(cfg.device)
     model = build_model(cfg.model, source.input_shape, source.num_classes, seed=cfg.seed, init_std=cfg.init_std)
     spec = ModelSpec.from_model(model)
     uplink = build_uplink(cfg.method_spec().codec, **cfg.uplink_options)
@@ -124,13 +130,15 @@ def setup(cfg: Config, source: FederatedSource) -> tuple[Simulation, RunState]:
     initial = uplink.algorithm.init_global({t.name: tensors[t.name].detach().clone() for t in spec.tensors}, spec)
     downlink = Downlink(build_codec(cfg.downlink, **cfg.downlink_options), cfg.downlink_delta, spec, cfg.seed,
                         initial)
-    runtime = ClientRuntime(model, spec, uplink, downlink, cfg.seed, task=Classification(source.test_x, source.test_y))
+    task = Classification(source.test_x.to(device), source.test_y.to(device))
+    runtime = ClientRuntime(model, spec, uplink, downlink, cfg.seed, task=task, device=device)
     labels = source.train_y.numpy()
     kw = {"dirichlet": {"beta": cfg.beta, "min_size": cfg.min_client_size},
           "k-classes": {"k": cfg.classes_per_client}}.get(cfg.partition, {})
     parts = partition(labels, cfg.partition, cfg.num_clients, cfg.seed, **kw)
     training = local_training(cfg)
-    sim = Simulation(cfg, source, runtime, [torch.from_numpy(p) for p in parts], training)
+    data = TrainingSet(source.train_x.to(device), source.train_y.to(device))
+    sim = Simulation(cfg, data, runtime, [torch.from_numpy(p).to(device) for p in parts], training)
     return sim, RunState(0, dict(initial))
 
 
