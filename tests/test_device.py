@@ -24,16 +24,8 @@ SOURCE = make_synthetic_images(400, 200, seed=0)
 NO_CUDA = not torch.cuda.is_available()
 NO_MPS = not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())
 
-
-@pytest.fixture(autouse=True)
-def two_torch_threads():
-    """The pinned numbers below were made with 2 torch threads; a CPU reduction's result depends on how
-    many threads split it, and an earlier test (the CLI's --threads) may have changed the count."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(threads)
-
+# the pinned numbers below were made with 2 torch threads (conftest.two_torch_threads)
+pytestmark = pytest.mark.usefixtures("two_torch_threads")
 
 
 def small(method: str = "fedmrn-binary", **kw) -> Config:

@@ -19,15 +19,9 @@ from fedcodec.report import summarize, time_table
 
 SOURCE = make_synthetic_images(400, 300, seed=0)
 
+# the pinned numbers below were made with 2 torch threads (conftest.two_torch_threads)
+pytestmark = pytest.mark.usefixtures("two_torch_threads")
 
-@pytest.fixture(autouse=True)
-def two_torch_threads():
-    """The pinned numbers below were made with 2 torch threads; a CPU reduction's result depends on how
-    many threads split it, and an earlier test (the CLI's --threads) may have changed the count."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(threads)
 SPLIT = ("train_seconds", "code_seconds", "aggregate_seconds")
 
 
