@@ -2,13 +2,14 @@ import hashlib
 import math
 import subprocess
 import sys
+import zlib
 
 import numpy as np
 import pytest
 import torch
 
 from fedcodec.codecs import build_codec, build_uplink, wire
-from fedcodec.codecs.fedmrn import MaskedNoiseTraining, make_noise
+from fedcodec.codecs.fedmrn import MaskedNoiseTraining, make_noise, noise_chunks
 from fedcodec.errors import ConfigError, PayloadError
 from helpers import ctx, random_update, tiny_spec
 
@@ -51,26 +52,52 @@ def test_noise_is_reproducible_and_well_formed(kind):
 
 
 def test_noise_is_identical_in_another_process():
-    """The server regenerates the noise in a different process (or machine): same bytes."""
-    here = hashlib.sha256(make_noise(2**63 + 5, 50_000, "gaussian", 0.005).tobytes()).hexdigest()
+    """The server regenerates the noise in a different process (or machine): same bytes, for every
+    kind and for a count that is not a multiple of the chunk size."""
     code = ("import hashlib; from fedcodec.codecs.fedmrn import make_noise; "
-            "print(hashlib.sha256(make_noise(2**63 + 5, 50_000, 'gaussian', 0.005).tobytes()).hexdigest())")
+            "print(' '.join(hashlib.sha256(make_noise(2**63 + 5, 100_003, k, 0.005).tobytes()).hexdigest() "
+            "for k in ('uniform', 'gaussian', 'rademacher')))")
+    here = " ".join(hashlib.sha256(make_noise(2**63 + 5, 100_003, k, 0.005).tobytes()).hexdigest()
+                    for k in ("uniform", "gaussian", "rademacher"))
     there = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert here == there
 
 
 def test_noise_stream_is_pinned():
-    """Guards the stream itself: a change of generator or formula would silently break old payloads."""
-    a = make_noise(2024, 4, "uniform", 0.01)
-    # PCG64(2024) float32 draws are multiples of 2**-24; these are the values this format defines.
-    rng = np.random.Generator(np.random.PCG64(2024))
-    raw = (rng.random(4, dtype=np.float32) * np.float32(2) - np.float32(1)) * np.float32(0.01)
-    assert np.array_equal(a, raw)
-    assert hashlib.sha256(make_noise(2024, 1000, "uniform", 0.01).tobytes()).hexdigest()[:16] == \
-        NOISE_UNIFORM_2024_SHA
+    """Guards the stream itself (generator 2): a change of generator or formula would silently break
+    payloads, so it must come with a new generator number."""
+    # SFC64(2024)'s first raw word is 0xaab370cbd524bf6e: 16-bit draws 0xbf6e, 0xd524, 0x70cb, 0xaab3
+    # (least significant first) = 49006, 54564, 28875, 43699, i.e. 0.01 * (k - 32767.5) / 32768:
+    expected = np.array([0.0049555968, 0.006651764, -0.0011878967, 0.003336029], np.float32)
+    assert np.array_equal(make_noise(2024, 4, "uniform", 0.01), expected)
+    digests = {k: hashlib.sha256(make_noise(2024, 100_003, k, 0.01).tobytes()).hexdigest()[:16]
+               for k in ("uniform", "rademacher", "gaussian")}
+    assert digests == {"uniform": "5b6bafeb8a54499b", "rademacher": "fed99b037889a954",
+                       "gaussian": "da681d9d5a5d19c6"}  # recorded with numpy 2.4 (SFC64's stream is stable)
 
 
-NOISE_UNIFORM_2024_SHA = "d085eead5b99caf5"  # recorded with numpy 2.4 (PCG64 stream is stable)
+@pytest.mark.parametrize("kind", ["uniform", "gaussian", "rademacher"])
+def test_noise_does_not_depend_on_the_chunk_size(kind):
+    whole = make_noise(77, 1000, kind, 0.02)
+    for chunk in (64, 128, 960, 1024):
+        parts = [v for _, _, v in noise_chunks(77, 1000, kind, 0.02, chunk=chunk)]
+        assert all(len(v) <= chunk for v in parts)
+        assert np.array_equal(np.concatenate(parts), whole)
+
+
+def test_payload_from_another_noise_generator_is_refused():
+    spec = tiny_spec()
+    codec = build_codec("fedmrn")
+    c = ctx(spec)
+    payload = bytearray(codec.encode({t.name: torch.zeros(t.shape) for t in spec.tensors}, c))
+    body_start = wire.envelope_overhead("fedmrn") - 4  # the CRC-32 sits at the end
+    noise_byte = body_start + 8 + 1
+    assert payload[noise_byte] == 0x20  # generator 2, uniform noise
+    payload[noise_byte] = 0x00  # generator 1 (retired): the same size, other noise
+    payload[-4:] = zlib.crc32(bytes(payload[:-4])).to_bytes(4, "little")
+    with pytest.raises(PayloadError) as err:
+        codec.decode(bytes(payload), c)
+    assert err.value.reason == "version" and "generator 1" in str(err.value)
 
 
 @pytest.mark.parametrize("mask", ["binary", "signed"])
@@ -114,6 +141,22 @@ def test_stochastic_masking_is_unbiased(mask):
     z = ((mean - target.double()) / (noise.double().abs() / (2 * math.sqrt(trials)))).mean() * math.sqrt(n)
     assert abs(float(z)) < 5
     assert float((mean - target.double()).abs().max()) < 0.01 * 4 / math.sqrt(trials) * 2
+
+
+@pytest.mark.parametrize("mask", ["binary", "signed"])
+def test_sure_bits_are_sure(mask):
+    """Where p is 0 or 1 (U at or beyond the ends of its range) every draw gives the same bit."""
+    from fedcodec.codecs import ModelSpec, TensorSpec
+
+    n = 5000
+    spec = ModelSpec((TensorSpec("w", (n,), "weight"),))
+    codec = build_codec("fedmrn", mask=mask)
+    noise = torch.from_numpy(make_noise(7, n, "uniform", 0.01))
+    low = 0.0 if mask == "binary" else -1.0
+    for scale, expected in ((1.0, noise), (3.5, noise), (low, noise * low), (low - 2.0, noise * low)):
+        for rng_seed in (1, 2):
+            c = ctx(spec, seed=7, rng_seed=rng_seed)
+            assert torch.equal(codec.decode(codec.encode({"w": noise * scale}, c), c)["w"], expected), scale
 
 
 def test_sm_off_rounds_deterministically():

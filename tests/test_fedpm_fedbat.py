@@ -10,7 +10,6 @@ from torch.func import functional_call
 
 from fedcodec.codecs import CodecContext, ModelSpec, TensorSpec, build_codec, build_uplink, wire
 from fedcodec.codecs.fedbat import LOG_STEP, STEP, StochasticBinaryTraining
-from fedcodec.codecs.fedmrn import make_noise
 from fedcodec.codecs.fedpm import EPS, BernoulliMaskTraining
 from fedcodec.errors import ConfigError, PayloadError
 from fedcodec.fl.client import ClientRuntime, LocalTraining, local_train
@@ -72,7 +71,10 @@ def test_fedpm_frozen_weights_are_signed_kaiming_and_seeded():
     spec = tiny_spec()
     a, b, other = build_codec("fedpm"), build_codec("fedpm"), build_codec("fedpm", weight_seed=1)
     wa, wb, wo = a.frozen(spec), b.frozen(spec), other.frozen(spec)
-    signs = torch.from_numpy(make_noise(0, N_MASKED, "rademacher", 1.0))
+    # PCG64(weight_seed 0) integers in {0, 1} -> -1 / +1 (FedPM's stream; FedMRN's noise is another)
+    bits = np.random.Generator(np.random.PCG64(0)).integers(0, 2, N_MASKED, dtype=np.int8)
+    signs = torch.from_numpy(bits.astype(np.float32) * 2 - 1)
+    assert signs[:8].tolist() == [-1, 1, 1, 1, 1, 1, -1, 1]
     flat = torch.cat([wa[t.name].reshape(-1) for t in spec.select(("weight",))])
     fans = [9] * 27 + [3] * 15
     expect = signs * torch.tensor([math.sqrt(2 / f) for f in fans], dtype=torch.float32)

@@ -6,7 +6,7 @@ running statistics and biases train normally and travel as float32, as in FedMRN
 
 Frozen weights: signed Kaiming constant, ``w0 = ±sqrt(2 / fan_in)`` with ``fan_in = prod(shape[1:])``.
 The signs are one Rademacher stream over all masked tensors concatenated in spec order, from
-NumPy's PCG64 seeded with the codec option ``weight_seed`` (:func:`fedcodec.codecs.fedmrn.make_noise`,
+NumPy's PCG64 seeded with the codec option ``weight_seed`` (:func:`frozen_weights`,
 bit-identical on every machine). ``weight_seed`` is part of the run configuration both ends share;
 it is not sent.
 
@@ -68,7 +68,6 @@ import torch
 from ..errors import ConfigError, PayloadError
 from .algorithms import Algorithm, Parametrization, weighted_mean
 from .base import CodecContext, KernelCodec, ModelSpec, Options, TensorSpec, Update, dense_count, split_specs
-from .fedmrn import make_noise
 from .registry import register
 from .wire import BodyReader, BodyWriter
 
@@ -85,7 +84,9 @@ def fan_in(t: TensorSpec) -> int:
 def frozen_weights(seed: int, specs: list[TensorSpec]) -> np.ndarray:
     """The frozen weights of ``specs`` concatenated (float32): ``±sqrt(2 / fan_in)``, signs from PCG64(seed)."""
     n = sum(t.numel for t in specs)
-    signs = make_noise(seed, n, "rademacher", 1.0)
+    signs = np.random.Generator(np.random.PCG64(seed)).integers(0, 2, n, dtype=np.int8).astype(np.float32)
+    signs *= np.float32(2)
+    signs -= np.float32(1)
     scale = np.repeat(np.array([math.sqrt(2.0 / fan_in(t)) for t in specs], np.float32),
                       [t.numel for t in specs]) if specs else np.zeros(0, np.float32)
     return signs * scale
