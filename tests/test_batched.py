@@ -24,8 +24,7 @@ import dataclasses
 import pytest
 import torch
 
-from fedcodec.cli import build_parser, main
-from fedcodec.cli import _configs
+from fedcodec.cli import _configs, build_parser, main
 from fedcodec.codecs import CodecContext, ModelSpec, build_codec, build_uplink
 from fedcodec.codecs.base import split_specs
 from fedcodec.codecs.fedmrn import MaskedNoiseTraining
@@ -35,7 +34,7 @@ from fedcodec.errors import ConfigError
 from fedcodec.fl import batched, loop
 from fedcodec.fl import rng as rngs
 from fedcodec.fl.batched import ClientJob, batching_blocked, fit_clients, train_group
-from fedcodec.fl.client import ClientRuntime, LocalTraining, client_fit, local_train
+from fedcodec.fl.client import ClientRuntime, LocalTraining, local_train
 from fedcodec.fl.downlink import Downlink, DownlinkError
 from fedcodec.fl.simulation import TrainingSet, run_round, setup
 from fedcodec.fl.task import Classification
