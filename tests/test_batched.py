@@ -282,6 +282,16 @@ def test_a_client_that_refuses_its_broadcast_leaves_its_group(groups):
     assert groups == [[0, 5, 6]]
 
 
+def test_simulated_dropouts_and_stragglers_keep_their_meaning(groups):
+    """Round 1 samples 0, 1, 5, 6; one drops out (receives, then fails), one is late (trains and sends
+    with the others, is not aggregated): the other three train as one group."""
+    _, state, _ = run(small(rounds=1, dropout=0.25, stragglers=0.25, batch_clients=4))
+    record = state.records[0]
+    assert (record["dropped"], record["timed_out"], record["accepted"]) == (1, 1, 2)
+    assert len(groups) == 1 and len(groups[0]) == 3
+    assert len([e for e in state.ledger.entries if e.direction == "up"]) == 3
+
+
 def test_runs_that_cannot_be_batched_say_why_and_train_one_client_at_a_time(groups):
     """A kept optimizer state falls back (and is the sequential run bit for bit); so do a codec with a
     pre-pass, a task that may draw in its loss, BatchNorm with a cumulative average, client-local tensors."""

@@ -40,9 +40,9 @@ A model that draws random numbers in its forward pass (dropout) is refused by ``
 Wall time: a group's training time is shared equally by its clients (``info["seconds"]["train"]``),
 so a round's ``train_seconds`` is still the time spent training.
 
-On the CPU this is not much faster than one client at a time (a convolution already fills the
-cores; see ``benchmarks/batched.py``); on a GPU, where one small client leaves most of the device
-idle, it is the lever.
+On the CPU this is slower than one client at a time (0.5x to 1x on CNN4 at batch 64: a
+convolution already keeps a core busy, and vmap's batch rules add layout copies; measure with
+``benchmarks/batched.py``); it is meant for a GPU, where one small client leaves most of the device idle.
 """
 
 from __future__ import annotations
