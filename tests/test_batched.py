@@ -10,9 +10,9 @@ float32, CNN4 with BatchNorm at the small initialisation fedcodec uses amplifies
 difference a thousandfold or more per local step (it does the same to one client trained with 1
 torch thread against 2: two rounds of ``fedavg`` with ``init_std=0.1``, 4 clients, 10 steps each
 differ by 61% of the update in the worst tensor). So the float32 runs here stay where rounding
-differences do not grow: one local step per round for FedAvg, FedMRN's masks (its stochastic bits
-absorb them). There the runs agree to 6e-5 of the model's change (measured), and the test allows 1e-3;
-a wrong batch or statistics mixed between clients moves them by O(1).
+differences do not grow: one local step per round. There the runs agree to 6e-5 of the model's
+change (measured), and the test allows 1e-3; a wrong batch or statistics mixed between clients moves
+them by O(1).
 
 The tests run with one torch thread: they pin no multi-thread numbers, and one thread is fast on a
 busy machine.
@@ -257,17 +257,19 @@ def test_fit_clients_answers_as_client_fit(method):
 
 RUNS = {  # config, the accuracies of the sequential run (1 torch thread), the uplink bytes per round
     "fedavg": (dict(init_std=0.05, batch_size=64), [0.14, 0.225]),
-    "fedmrn-binary": (dict(), [0.1, 0.1]),
+    "fedmrn-binary": (dict(batch_size=64), [0.1, 0.1]),
 }
 
 
 @pytest.mark.parametrize("method", RUNS)
 def test_two_rounds_with_batch_clients_4_are_the_sequential_run(method, groups):
-    """``batch_clients = 4`` against 1, two rounds of 4 clients with 50 examples each: the batched run
-    trains every round's clients as one group, and reaches the sequential run's accuracies and bytes,
-    and its global model to 1e-3 of the model's change (measured: 6e-5 FedAvg, 1e-6 FedMRN). FedAvg
-    takes one local step per round (see the module docstring), FedMRN four; FedMRN's masked weights
-    (noise times mask bits) come out identical."""
+    """``batch_clients = 4`` against 1, two rounds of 4 clients with 50 examples each, one local step
+    per round (see the module docstring): the batched run trains every round's clients as one group,
+    and reaches the sequential run's accuracies and bytes, and its global model to 1e-3 of the
+    model's change. Measured: 6e-5 (FedAvg); FedMRN 4e-8 and identical masked weights (noise times
+    mask bits) with its first noise generator, 2.5e-4 and 2 of 389,920 masked weights different with
+    its second (a mask bit drawn from a probability within rounding of the uniform draw); the test
+    allows 1 in 10,000."""
     overrides, accuracies = RUNS[method]
     _, seq, initial = run(small(method, **overrides))
     assert groups == []
@@ -279,11 +281,12 @@ def test_two_rounds_with_batch_clients_4_are_the_sequential_run(method, groups):
     assert [(e.round, e.client, e.direction, e.nbytes) for e in bat.ledger.entries] == \
         [(e.round, e.client, e.direction, e.nbytes) for e in seq.ledger.entries]
     for a, b in zip(seq.records, bat.records):
-        assert abs(a["train_loss"] - b["train_loss"]) <= 1e-3 * a["train_loss"]
+        assert abs(a["train_loss"] - b["train_loss"]) <= 1e-5 * a["train_loss"]
     assert relative_gap(seq.global_params, bat.global_params, initial) <= 1e-3
     if method == "fedmrn-binary":
         weights = [name for name in seq.global_params if name.endswith("weight") and seq.global_params[name].dim() > 1]
-        assert len(weights) == 5 and all(torch.equal(seq.global_params[n], bat.global_params[n]) for n in weights)
+        differ = sum(int((seq.global_params[n] != bat.global_params[n]).sum()) for n in weights)
+        assert len(weights) == 5 and differ <= 1e-4 * sum(seq.global_params[n].numel() for n in weights)
 
 
 # --------------------------------------------------------------------------- what falls back
