@@ -435,6 +435,11 @@ class Config:
     device: str = setting("cpu", "where models train and evaluate: cpu, cuda (or cuda:N), mps, or auto (a GPU when "
                           "there is one); bit-exact reproducibility is a CPU promise (fedcodec.fl.device)",
                           flag="--device")
+    batch_clients: int = setting(1, "in-process runs: train up to this many same-sized clients of a round at once "
+                                 "(vmap over stacked models; for a GPU, slower on the CPU). The same batches and "
+                                 "draws, but float rounding differs from one at a time (1, bit-exact); what it "
+                                 "cannot batch trains one at a time (fedcodec.fl.batched)", at_least=1,
+                                 flag="--batch-clients")
 
     def method_spec(self) -> Method:
         if self.method not in METHODS:

@@ -156,7 +156,8 @@ def test_error_messages_name_key_value_and_expectation():
     for (name, value), message in cases.items():
         assert error(coerce, name, value) == message
     unknown = error(coerce, "colour", "blue")
-    assert unknown.startswith("unknown config key 'colour'; known keys: aggregator, allow_subset, batch_size, beta, ")
+    assert unknown.startswith("unknown config key 'colour'; known keys: aggregator, allow_subset, batch_clients, "
+                              "batch_size, beta, ")
     long = error(coerce, "x" * 5000, "1")  # a huge name is shortened, not echoed whole
     assert long.startswith("unknown config key 'xxxx") and "(5000 characters)" in long and len(long) < 1000
 

@@ -151,6 +151,20 @@ def param_groups(params: dict[str, nn.Parameter], lr_scales: dict[str, float], l
     return [{"params": ps, "lr": lr * scale} for scale, ps in by_scale.items()]
 
 
+def local_optimizer(task: Task, cfg: LocalTraining, trainable: dict[str, torch.Tensor], latent: Update,
+                    param: Parametrization | None) -> torch.optim.Optimizer:
+    """The optimizer of local training: ``trainable`` in the task's lr scale groups (:func:`param_groups`),
+    then a parametrization's ``latent`` tensors in a group of their own. Both optimizers are elementwise,
+    so it serves :mod:`fedcodec.fl.batched`'s tensors stacked over clients as well."""
+    groups = param_groups(trainable, getattr(task, "lr_scales", None) or {}, cfg.lr)
+    if latent:  # a parametrization's latents: their own lr scale, no weight decay (it would pull
+        # FedBAT's log step sizes and FedPM's scores toward arbitrary values)
+        groups.append({"params": list(latent.values()), "lr": cfg.lr * param.lr_scale, "weight_decay": 0.0})
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+
+
 def local_train(runtime: ClientRuntime, global_params: Update, x: torch.Tensor, y: torch.Tensor,
                 cfg: LocalTraining, param: Parametrization | None, shuffle: torch.Generator,
                 snapshots: list[Update] | None = None, snapshot_steps: frozenset[int] = frozenset(),
@@ -166,14 +180,7 @@ def local_train(runtime: ClientRuntime, global_params: Update, x: torch.Tensor, 
     latent = param.init() if param is not None else {}
     frozen = set(latent)
     trainable = {n: p for n, p in model.named_parameters() if n not in frozen}
-    groups = param_groups(trainable, getattr(runtime.task, "lr_scales", None) or {}, cfg.lr)
-    if latent:  # a parametrization's latents: their own lr scale, no weight decay (it would pull
-        # FedBAT's log step sizes and FedPM's scores toward arbitrary values)
-        groups.append({"params": list(latent.values()), "lr": cfg.lr * param.lr_scale, "weight_decay": 0.0})
-    if cfg.optimizer == "adam":
-        opt = torch.optim.Adam(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    else:
-        opt = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    opt = local_optimizer(runtime.task, cfg, trainable, latent, param)
     keep = cfg.keep_state and store is not None
     if keep:
         restore_optimizer(opt, trainable, store)
@@ -259,6 +266,32 @@ def client_fit(runtime: ClientRuntime, broadcast: bytes, x: torch.Tensor, y: tor
 
     A broadcast the client cannot take in raises :class:`~fedcodec.fl.downlink.DownlinkError` before
     anything is trained or stored (see :func:`client_receive`)."""
+    opened = open_round(runtime, broadcast, len(x), round_num, client, state)
+    return train_and_encode(runtime, opened, x, y, cfg)
+
+
+@dataclass
+class OpenRound:
+    """A client-round between taking in the broadcast and encoding the update: the pieces of
+    :func:`client_fit`, which :mod:`fedcodec.fl.batched` shares to train several clients at once."""
+
+    client: int
+    round: int
+    #: the decoded broadcast (CPU tensors), the model the update is relative to
+    global_params: Update
+    #: the same on ``runtime.device`` (the very same tensors on the CPU)
+    on_device: Update
+    ctx: CodecContext
+    state: dict[str, torch.Tensor] | None
+    #: what :func:`client_fit` returns as ``info``, filled in as the round goes
+    info: dict
+    seconds: dict[str, float]
+
+
+def open_round(runtime: ClientRuntime, broadcast: bytes, num_examples: int, round_num: int, client: int,
+               state: dict[str, torch.Tensor] | None) -> OpenRound:
+    """Take in the broadcast (:class:`~fedcodec.fl.downlink.DownlinkError` if the client cannot) and
+    build the client-round's codec context, with its seed and generator (:mod:`fedcodec.fl.rng`)."""
     t0 = time.perf_counter()
     global_params = runtime.downlink.receive(broadcast, round_num, client, state)
     seconds = {"train": 0.0, "code": time.perf_counter() - t0}
@@ -269,37 +302,68 @@ def client_fit(runtime: ClientRuntime, broadcast: bytes, x: torch.Tensor, y: tor
                                                                  client)),
                        reference=global_params, state=state, metrics=metrics)
     on_device = to_device(global_params, runtime.device)  # the one move of the broadcast (none on the CPU)
-    info: dict = {"num_examples": len(x)}
-    plan = runtime.uplink.setup.prepass(ctx) if runtime.uplink.setup is not None else None
-    if plan is not None:
-        if state is None:
-            raise ConfigError(f"codec {runtime.uplink.codec_id!r} fits itself on the client and needs the client's "
-                              "store (client_fit(..., state=...))")
-        gen = rngs.torch_generator(rngs.derive_seed(runtime.run_seed, round_num, rngs.PREPASS, client))
-        runtime.load_local(state)  # the pre-pass trains them too; its result is discarded
-        t0 = time.perf_counter()
-        snapshots = prepass(runtime, on_device, x, y, cfg, plan, gen)
-        t1 = time.perf_counter()
-        info["setup"] = runtime.uplink.setup.fit(snapshots, ctx)
-        seconds["train"] += t1 - t0
-        seconds["code"] += time.perf_counter() - t1
-    param = runtime.uplink.algorithm.parametrization(ctx, global_params)
+    return OpenRound(client, round_num, global_params, on_device, ctx, state, {"num_examples": num_examples},
+                     seconds)
+
+
+def run_prepass(runtime: ClientRuntime, opened: OpenRound, x: torch.Tensor, y: torch.Tensor,
+                cfg: LocalTraining) -> None:
+    """The codec's pre-pass and fit, if it asks for one this round (``info["setup"]``)."""
+    plan = runtime.uplink.setup.prepass(opened.ctx) if runtime.uplink.setup is not None else None
+    if plan is None:
+        return
+    state, client, round_num = opened.state, opened.client, opened.round
+    if state is None:
+        raise ConfigError(f"codec {runtime.uplink.codec_id!r} fits itself on the client and needs the client's "
+                          "store (client_fit(..., state=...))")
+    gen = rngs.torch_generator(rngs.derive_seed(runtime.run_seed, round_num, rngs.PREPASS, client))
+    runtime.load_local(state)  # the pre-pass trains them too; its result is discarded
+    t0 = time.perf_counter()
+    snapshots = prepass(runtime, opened.on_device, x, y, cfg, plan, gen)
+    t1 = time.perf_counter()
+    opened.info["setup"] = runtime.uplink.setup.fit(snapshots, opened.ctx)
+    opened.seconds["train"] += t1 - t0
+    opened.seconds["code"] += time.perf_counter() - t1
+
+
+def training_draws(runtime: ClientRuntime, opened: OpenRound,
+                   cfg: LocalTraining) -> tuple[Parametrization | None, torch.Generator]:
+    """The client-round's parametrization (None: plain training), on ``runtime.device``, and its
+    shuffling generator."""
+    param = runtime.uplink.algorithm.parametrization(opened.ctx, opened.global_params)
     if param is not None:
         param.to(runtime.device)
-    shuffle = rngs.torch_generator(rngs.derive_seed(runtime.run_seed, round_num, rngs.CLIENT_TRAIN, client))
-    if cfg.keep_state and state is None:
+    shuffle = rngs.torch_generator(rngs.derive_seed(runtime.run_seed, opened.round, rngs.CLIENT_TRAIN,
+                                                    opened.client))
+    if cfg.keep_state and opened.state is None:
         raise ConfigError("keeping the optimizer state between rounds needs the client's store "
                           "(client_fit(..., state=...))")
+    return param, shuffle
+
+
+def train_and_encode(runtime: ClientRuntime, opened: OpenRound, x: torch.Tensor, y: torch.Tensor,
+                     cfg: LocalTraining) -> tuple[bytes, dict]:
+    """The rest of :func:`client_fit` once the broadcast is in: pre-pass, local training, encoding."""
+    run_prepass(runtime, opened, x, y, cfg)
+    param, shuffle = training_draws(runtime, opened, cfg)
     t0 = time.perf_counter()
-    runtime.load_local(state)
-    update, loss = local_train(runtime, on_device, x, y, cfg, param, shuffle, store=state)
-    runtime.save_local(state)
+    runtime.load_local(opened.state)
+    update, loss = local_train(runtime, opened.on_device, x, y, cfg, param, shuffle, store=opened.state)
+    runtime.save_local(opened.state)
+    return close_round(runtime, opened, update, loss, time.perf_counter() - t0)
+
+
+def close_round(runtime: ClientRuntime, opened: OpenRound, update: Update, loss: float,
+                train_seconds: float) -> tuple[bytes, dict]:
+    """Encode the trained ``update`` (on ``runtime.device``) and return :func:`client_fit`'s answer;
+    ``train_seconds`` is the client's share of the training time."""
+    t0 = time.perf_counter()
     update = to_cpu(update)  # the one move of the update (none on the CPU): codecs code CPU tensors
     t1 = time.perf_counter()
-    payload = runtime.uplink.encode(update, ctx)
-    seconds["train"] += t1 - t0
-    seconds["code"] += time.perf_counter() - t1
-    info["train_loss"] = loss
-    info["codec"] = metrics
-    info["seconds"] = seconds
-    return payload, info
+    payload = runtime.uplink.encode(update, opened.ctx)
+    opened.seconds["train"] += train_seconds + (t1 - t0)
+    opened.seconds["code"] += time.perf_counter() - t1
+    opened.info["train_loss"] = loss
+    opened.info["codec"] = opened.ctx.metrics
+    opened.info["seconds"] = opened.seconds
+    return payload, opened.info

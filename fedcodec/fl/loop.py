@@ -38,6 +38,7 @@ import numpy as np
 
 from ..codecs import Update
 from . import rng as rngs
+from .batched import ClientJob, fit_clients
 from .client import client_fit, client_receive
 from .downlink import DownlinkError, refusal_reason
 from .server import RoundOutcome, server_round
@@ -122,37 +123,51 @@ def plan_round(sim, state, reachable: Callable[[list[int]], set[int]]) -> RoundP
     return RoundPlan(round_num, clients, frozenset(dropout), frozenset(late), down, views)
 
 
+def refused(client: int, err: DownlinkError) -> Reply:
+    """The reply of a client that refused its broadcast: its store is as it was; it answers instead
+    of training."""
+    return Reply(client, DROPPED, reason=refusal_reason(err.reason, err.detail), resync=True)
+
+
 class InProcessTransport:
     """Runs every client in this process: :func:`client_fit` with the client's store from the run
     state. A simulated dropout receives its broadcast (its copy of the model stays in step with the
-    server's replica under a delta downlink) and then fails."""
+    server's replica under a delta downlink) and then fails.
 
-    def __init__(self, sim):
+    ``batch_clients`` (default: the config's) > 1 trains the round's clients in groups of up to that
+    many at once where the run allows it (:mod:`fedcodec.fl.batched`): the same clients, batches and
+    random draws, the same payload formats, models equal to float tolerance."""
+
+    def __init__(self, sim, batch_clients: int | None = None):
         self.sim = sim
+        self.batch_clients = sim.cfg.batch_clients if batch_clients is None else batch_clients
 
     def reachable(self, clients: list[int]) -> set[int]:
         return set(clients)
 
     def exchange(self, plan: RoundPlan, state) -> dict[int, Reply]:
-        sim, replies = self.sim, {}
+        sim, replies, jobs = self.sim, {}, []
         for c in plan.clients:
             store = state.client_states.setdefault(c, {})
-            try:
-                if c in plan.dropout:
-                    client_receive(sim.runtime, plan.broadcasts[c], plan.round, c, store)
-                    replies[c] = Reply(c, DROPPED, reason="simulated dropout")
-                    continue
-                x, y = sim.client_data(c)
-                payload, info = client_fit(sim.runtime, plan.broadcasts[c], x, y, sim.training, plan.round, c,
-                                           state=store)
-            except DownlinkError as err:  # its store is as it was; it answers instead of training
-                replies[c] = Reply(c, DROPPED, reason=refusal_reason(err.reason, err.detail), resync=True)
+            if c not in plan.dropout:
+                jobs.append(ClientJob(c, plan.broadcasts[c], *sim.client_data(c), store))
                 continue
+            try:
+                client_receive(sim.runtime, plan.broadcasts[c], plan.round, c, store)
+                replies[c] = Reply(c, DROPPED, reason="simulated dropout")
+            except DownlinkError as err:
+                replies[c] = refused(c, err)
+        fitted = fit_clients(sim.runtime, jobs, sim.training, plan.round, self.batch_clients, fit=client_fit)
+        for c, answer in fitted.items():
+            if isinstance(answer, DownlinkError):
+                replies[c] = refused(c, answer)
+                continue
+            payload, info = answer
             replies[c] = Reply(c, TIMED_OUT if c in plan.late else OK, payload=payload, setup=info.get("setup"),
                                num_examples=info["num_examples"], train_loss=info["train_loss"],
                                metrics=info.get("codec", {}), seconds=info.get("seconds", {}),
                                reason="simulated straggler" if c in plan.late else "")
-        return replies
+        return {c: replies[c] for c in plan.clients if c in replies}
 
 
 @dataclass

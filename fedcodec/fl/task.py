@@ -25,7 +25,9 @@ class Task(Protocol):
     """What local training minimises and how a round's global model is evaluated.
 
     A task may also carry ``lr_scales`` ({parameter-name prefix: learning-rate multiplier}) for
-    parameters that should train faster or slower than the rest (see :func:`~fedcodec.fl.client.param_groups`).
+    parameters that should train faster or slower than the rest (see :func:`~fedcodec.fl.client.param_groups`),
+    and ``loss_uses_generator = False`` when its loss never draws from ``gen``: only such a task's
+    clients can train several at once (:mod:`fedcodec.fl.batched`, which passes no generator).
     """
 
     def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
@@ -61,6 +63,9 @@ class Classification:
         if batch_size is not None and batch_size < 1:
             raise ConfigError(f"the evaluation batch size must be >= 1, got {batch_size}")
         self.test_x, self.test_y, self.batch_size = test_x, test_y, batch_size
+
+    #: the loss draws nothing: clients can train several at once (:mod:`fedcodec.fl.batched`)
+    loss_uses_generator = False
 
     def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         return F.cross_entropy(model(x), y)
