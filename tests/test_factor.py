@@ -338,3 +338,37 @@ def test_training_basis_is_float32_of_the_exact_basis():
     assert t.dtype == torch.float32 and torch.equal(t, torch.from_numpy((a / 2 / 4096).astype(np.float32)))
     q = np.array([[0, 15, 7, 8]] * 3)
     assert reconstruct(q, 1.0, 15, a, 4, "gaussian").dtype == np.float32
+
+
+# ---------------------------------------------------------------------------------------------------------
+# dense_levels as a stage option of every kernel codec
+
+
+def test_dense_levels_stage_option_for_other_kernel_codecs():
+    spec = cnn4_spec()
+    c = dataclasses.replace(ctx(spec), reference=ones_reference(spec))
+    update = random_update(spec)
+    plain = build_codec("qsgd")
+    coded = build_codec("qsgd", dense_levels=15)
+    assert (plain.codec_id, coded.codec_id) == ("qsgd", "qsgd+dq15")
+    assert len(plain.encode(update, c)) == 153_947  # unchanged: float32 dense values (7,680 B)
+    payload = coded.encode(update, c)
+    assert len(payload) == 153_947 - 7_680 + 1_024 + len("+dq15") == 147_296
+    out = coded.decode(payload, c)
+    for t in spec.tensors:
+        if t.role != "weight" and not t.name.endswith("running_var"):
+            assert float((out[t.name] - update[t.name]).abs().max()) <= 2 * float(update[t.name].abs().max()) / 15
+    with pytest.raises(PayloadError) as info:  # the two ends must be built alike
+        plain.decode(payload, c)
+    assert info.value.reason == "codec"
+    for name in ("fedmrn", "signsgd", "topk"):
+        uplink = build_uplink(name, dense_levels=3, entropy=name != "topk")
+        c2 = dataclasses.replace(c, state={})
+        upd = update | (trained_update(uplink, c2)[0] if name == "fedmrn" else {})
+        assert set(uplink.codec.decode(uplink.encode(upd, c2), c2)) == set(spec.names)
+    with pytest.raises(ConfigError, match="does not apply"):
+        build_codec("fp16", dense_levels=15)
+    with pytest.raises(ConfigError, match="dense_levels"):
+        build_codec("qsgd", dense_levels=256)
+    # the factor codec's own option stays its own (its header carries it; no id suffix)
+    assert build_codec("factor", dense_levels=3).codec_id == "factor"
