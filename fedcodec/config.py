@@ -330,6 +330,14 @@ METHODS: dict[str, Method] = {
     "fedmrn-signed-ec": Method("fedmrn", {"mask": "signed", "alpha": 0.005, "entropy": True}, 0.1,
                                "FedMRN signed + range coding of the mask bits"),
 }
+# seeded factors (issue 17): per kernel ΔW = B·A, A from the client-round seed, B trained; 4-bit B
+# (levels 15) and 4-bit BatchNorm deltas (running variances in log space), range coded
+for _r in (8, 16, 32):
+    METHODS[f"factor-{_r}-ec"] = Method("factor", {"rank": _r, "levels": 15, "dense_levels": 15, "entropy": True},
+                                        0.1, f"seeded factors, rank {_r}: B·A with A from the seed, 4-bit B and "
+                                             "BatchNorm deltas, range coded")
+METHODS["factor-32"] = Method("factor", {"rank": 32, "levels": 15, "dense_levels": 15}, 0.1,
+                              "seeded factors, rank 32, 4-bit B and BatchNorm deltas, bit-packed")
 # the autoencoder codec at three latent sizes (chunks of 1024, linear AE, 6-bit latents; biases and
 # BatchNorm scales/shifts coded too, running statistics as float16), each with and without error
 # feedback. No range coding: for ~1.5k latents its 256-entry count table costs more than it saves

@@ -1,6 +1,6 @@
 """Update codecs. Importing this package registers every built-in codec."""
 
-from . import autoencoder, dense, fedbat, fedmrn, fedpm, qsgd, signsgd, topk  # noqa: F401  (registration)
+from . import autoencoder, dense, factor, fedbat, fedmrn, fedpm, qsgd, signsgd, topk  # noqa: F401  (registration)
 from .algorithms import Algorithm, FedAvg, Parametrization
 from .base import Codec, CodecContext, KernelCodec, ModelSpec, Options, TensorSpec, Update
 from .registry import available_codecs, build_codec, build_uplink, register

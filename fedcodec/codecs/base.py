@@ -222,11 +222,17 @@ class Codec:
 class KernelCodec(Codec):
     """The template of the codecs that compress the conv/linear kernels and send the rest as float32.
 
-    Body: ``kernel part | float32 dense values``, where the kernel part is the subclass's
+    Body: ``kernel part | dense part``, where the kernel part is the subclass's
     (:meth:`encode_kernels` / :meth:`decode_kernels`, over the kernels of :func:`split_specs`
-    concatenated in spec order) and the dense values are every other tensor (biases, BatchNorm
-    parameters and running statistics) in spec order, little-endian.
+    concatenated in spec order) and the dense part holds every other tensor (biases, BatchNorm
+    parameters and running statistics) in spec order: float32 little-endian values when
+    :attr:`dense_levels` is 0 (the default), else low-bit quantized deltas
+    (:mod:`fedcodec.codecs.densequant`).
     """
+
+    #: 0: the dense values travel as float32; 1..255: as stochastically quantized deltas on a grid of
+    #: ``dense_levels + 1`` points per tensor, running variances in log space (a codec sets it)
+    dense_levels: int = 0
 
     def encode_kernels(self, flat: np.ndarray, update: Mapping[str, torch.Tensor], ctx: CodecContext,
                        w: wire.BodyWriter) -> None:
@@ -242,19 +248,36 @@ class KernelCodec(Codec):
         kernels, dense = split_specs(ctx.spec)
         w = self.writer()
         self.encode_kernels(ctx.spec.flatten(update, kernels), update, ctx, w)
+        if self.dense_levels:
+            from .densequant import encode_dense
+
+            encode_dense(w, update, ctx, self.dense_levels)
+            return w.getvalue()
         return w.raw(ctx.spec.flatten(update, dense).astype("<f4", copy=False)).getvalue()
 
     def decode_body(self, reader: wire.BodyReader, ctx: CodecContext) -> Update:
         kernels, dense = split_specs(ctx.spec)
         out = ctx.spec.unflatten(self.decode_kernels(reader, kernels, ctx), kernels)
-        out.update(ctx.spec.unflatten(reader.array("<f4", dense_count(ctx.spec), "dense values"), dense))
+        if self.dense_levels:
+            from .densequant import decode_dense
+
+            out.update(decode_dense(reader, ctx, self.dense_levels))
+        else:
+            out.update(ctx.spec.unflatten(reader.array("<f4", dense_count(ctx.spec), "dense values"), dense))
         return out
 
-    @staticmethod
-    def check_size(reader: wire.BodyReader, ctx: CodecContext, kernel_bytes: int, where: str = "") -> None:
-        """Reject a body whose remaining bytes are not ``kernel_bytes`` plus the float32 tail
+    def dense_bytes(self, spec: ModelSpec) -> int:
+        """Bytes of the dense part in fixed-width mode (float32 values, or :mod:`densequant`'s format)."""
+        if self.dense_levels:
+            from .densequant import dense_size
+
+            return dense_size(spec, self.dense_levels)
+        return 4 * dense_count(spec)
+
+    def check_size(self, reader: wire.BodyReader, ctx: CodecContext, kernel_bytes: int, where: str = "") -> None:
+        """Reject a body whose remaining bytes are not ``kernel_bytes`` plus the fixed-width dense part
         (``where`` says what was read before, e.g. " after the scales")."""
-        expected = kernel_bytes + 4 * dense_count(ctx.spec)
+        expected = kernel_bytes + self.dense_bytes(ctx.spec)
         if reader.remaining != expected:
             raise PayloadError("size", f"body carries {reader.remaining} bytes{where}; the model needs {expected}")
 

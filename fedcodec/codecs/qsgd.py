@@ -66,6 +66,32 @@ def quantize(x: np.ndarray, m: np.float32, levels: int, u: np.ndarray) -> np.nda
     return q
 
 
+def quantize_segments(flat: np.ndarray, sizes: list[int], levels: int, u: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(float32 scale ``max |x|`` of each consecutive segment of ``flat`` of the given ``sizes``, uint8
+    grid indices of all of ``flat``), rounding up where ``u < frac`` (``u``: one draw per value)."""
+    maxima = np.zeros(len(sizes), np.float32)
+    q = np.empty(flat.size, np.uint8)
+    pos = 0
+    for i, size in enumerate(sizes):
+        seg = flat[pos:pos + size]
+        maxima[i] = np.abs(seg).max() if seg.size else 0.0
+        q[pos:pos + size] = quantize(seg, maxima[i], levels, u[pos:pos + size])
+        pos += size
+    return maxima, q
+
+
+def dequantize_segments(q: np.ndarray, maxima: np.ndarray, sizes: list[int], levels: int) -> np.ndarray:
+    """The float32 values ``M * g[q]`` of grid indices ``q`` whose consecutive segments of the given
+    ``sizes`` have scales ``maxima`` (the inverse of :func:`quantize_segments`)."""
+    points = grid(levels)
+    values = np.empty(len(q), np.float32)
+    pos = 0
+    for i, size in enumerate(sizes):
+        np.multiply(points[q[pos:pos + size]], maxima[i], out=values[pos:pos + size])
+        pos += size
+    return values
+
+
 @dataclass(frozen=True)
 class QSGDOptions(Options):
     levels: int = 4
@@ -87,15 +113,7 @@ class QSGDCodec(KernelCodec):
             raise ConfigError("qsgd rounds at random and needs the client's generator (CodecContext.rng)")
         compressed, levels = split_specs(ctx.spec)[0], self.options.levels
         u = torch.rand(flat.size, generator=ctx.rng, dtype=torch.float32).numpy()
-        maxima = np.zeros(len(compressed), np.float32)
-        q = np.empty(flat.size, np.uint8)
-        pos = 0
-        for i, t in enumerate(compressed):
-            end = pos + t.numel
-            seg = flat[pos:end]
-            maxima[i] = np.abs(seg).max() if seg.size else 0.0
-            q[pos:end] = quantize(seg, maxima[i], levels, u[pos:end])
-            pos = end
+        maxima, q = quantize_segments(flat, [t.numel for t in compressed], levels, u)
         w.u8(levels).raw(maxima.astype("<f4", copy=False))
         w.symbols(q, levels + 1)
 
@@ -108,11 +126,4 @@ class QSGDCodec(KernelCodec):
         if not self.entropy:
             self.check_size(reader, ctx, fixed_size(n, levels + 1), " after the scales")
         q = reader.symbols(n, levels + 1, "grid indices")
-        points = grid(levels)
-        values = np.empty(n, np.float32)
-        pos = 0
-        for i, t in enumerate(compressed):
-            end = pos + t.numel
-            np.multiply(points[q[pos:end]], maxima[i], out=values[pos:end])
-            pos = end
-        return values
+        return dequantize_segments(q, maxima, [t.numel for t in compressed], levels)

@@ -3,7 +3,9 @@
 :func:`build_uplink` builds what the engine holds for the uplink (:class:`~fedcodec.codecs.stages.Uplink`)
 from a name and options; :func:`build_codec` builds a plain codec (the downlink's). Options are
 checked once, into the codec's typed options object; the stage options ``ef`` (error feedback,
-uplink only) and ``entropy`` (range-code the symbol sections) apply to any codec they make sense for.
+uplink only), ``entropy`` (range-code the symbol sections) and ``dense_levels`` (send a
+:class:`~fedcodec.codecs.base.KernelCodec`'s biases and BatchNorm tensors as low-bit deltas,
+:mod:`fedcodec.codecs.densequant`; wire id suffix ``+dq<levels>``) apply to any codec they make sense for.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from dataclasses import dataclass, fields
 
 from ..errors import ConfigError
 from .algorithms import Algorithm
-from .base import Codec, Options, flag
+from .base import Codec, KernelCodec, Options, _typed, flag
 from .setup import Setup
 from .stages import Uplink
 
@@ -36,7 +38,7 @@ class CodecInfo:
 _REGISTRY: dict[str, CodecInfo] = {}
 
 #: options every codec accepts: the composable stages
-STAGE_OPTIONS = {"ef": False, "entropy": False}
+STAGE_OPTIONS = {"ef": False, "entropy": False, "dense_levels": 0}
 
 
 def register(name: str, summary: str, algorithm: type[Algorithm] = Algorithm, setup: type[Setup] | None = None):
@@ -54,7 +56,7 @@ def available_codecs() -> dict[str, CodecInfo]:
     return dict(_REGISTRY)
 
 
-def _parts(name: str, options: dict) -> tuple[CodecInfo, Options, bool, bool]:
+def _parts(name: str, options: dict) -> tuple[CodecInfo, Options, bool, bool, int]:
     if name not in _REGISTRY:
         raise ConfigError(f"unknown codec {name!r}; available: {', '.join(sorted(_REGISTRY))}")
     info = _REGISTRY[name]
@@ -64,21 +66,36 @@ def _parts(name: str, options: dict) -> tuple[CodecInfo, Options, bool, bool]:
                           f"its options are {sorted(info.defaults) + sorted(STAGE_OPTIONS)}")
     ef = flag("ef", options.pop("ef", False))
     entropy = flag("entropy", options.pop("entropy", False))
-    return info, info.options(**options), ef, entropy
+    # a codec with its own dense_levels option (factor) keeps it; for the others it is the stage
+    dense = 0 if "dense_levels" in info.defaults else _typed("dense_levels", "int", options.pop("dense_levels", 0))
+    return info, info.options(**options), ef, entropy, dense
+
+
+def _make(info: CodecInfo, opts: Options, entropy: bool, dense: int) -> Codec:
+    codec = info.codec(opts, entropy=entropy)
+    if dense:
+        if not isinstance(codec, KernelCodec):
+            raise ConfigError(f"codec {codec.codec_id!r} sends no float32 dense values of its own (only the "
+                              "kernel codecs do), so dense_levels does not apply; drop it")
+        if not 1 <= dense <= 255:
+            raise ConfigError(f"dense_levels must be 0 (float32) or an integer in 1..255, got {dense!r}")
+        codec.dense_levels = dense
+        codec.codec_id = f"{codec.codec_id}+dq{dense}"  # the other end must be built the same way
+    return codec
 
 
 def build_uplink(name: str, **options) -> Uplink:
-    """The uplink of codec ``name`` with ``options`` (its own, plus ``ef`` and ``entropy``)."""
-    info, opts, ef, entropy = _parts(name, dict(options))
-    codec = info.codec(opts, entropy=entropy)
+    """The uplink of codec ``name`` with ``options`` (its own, plus ``ef``, ``entropy`` and ``dense_levels``)."""
+    info, opts, ef, entropy, dense = _parts(name, dict(options))
+    codec = _make(info, opts, entropy, dense)
     return Uplink(codec, info.algorithm(opts), info.setup(codec) if info.setup else None, ef)
 
 
 def build_codec(name: str, **options) -> Codec:
     """Plain codec ``name`` (``entropy`` allowed; ``ef`` is an uplink stage, see :func:`build_uplink`).
     Its algorithm and setup, if any, are not built: use it where only bytes matter (the downlink)."""
-    info, opts, ef, entropy = _parts(name, dict(options))
+    info, opts, ef, entropy, dense = _parts(name, dict(options))
     if ef:
         raise ConfigError(f"codec option ef (error feedback) applies to the uplink only; build {name!r} with "
                           "build_uplink, or drop ef (a delta downlink sends its error next round anyway)")
-    return info.codec(opts, entropy=entropy)
+    return _make(info, opts, entropy, dense)
