@@ -146,8 +146,8 @@ def data():
     return make_synthetic_images(1000, 300, shape=(1, 16, 16), seed=0)
 
 
-def run(method: str, attack: str | None, defense: Defense | None = None, **kw):
-    cfg = Config(method=method, num_clients=10, clients_per_round=10, rounds=ROUNDS, local_epochs=2, batch_size=16,
+def run(method: str, attack: str | None, defense: Defense | None = None, rounds: int = ROUNDS, **kw):
+    cfg = Config(method=method, num_clients=10, clients_per_round=10, rounds=rounds, local_epochs=2, batch_size=16,
                  seed=5, **kw).validate()
     sim, state = setup(cfg, data())
     if defense is not None:
@@ -155,7 +155,7 @@ def run(method: str, attack: str | None, defense: Defense | None = None, **kw):
     transport = InProcessTransport(sim)
     if attack is not None:
         transport = HostileTransport(transport, sim, 3, attack)
-    for _ in range(ROUNDS):
+    for _ in range(rounds):
         state = run_round(sim, state, transport)
     return state.records, transport
 
@@ -182,20 +182,21 @@ def test_one_hostile_client_costs_at_most_two_points_at_default_settings(method,
 
 
 def test_without_defences_a_boosted_client_destroys_the_model():
-    """The attack is real: with Defense.off() the same client sends the model to chance level."""
-    records, _ = run("fedavg", "boost", defense=Defense.off())
+    """The attack is real: with Defense.off() the same client sends the model to chance level (within
+    3 rounds; the honest run is the 8-round one the other tests compare with)."""
+    records, _ = run("fedavg", "boost", defense=Defense.off(), rounds=3)
     assert records[-1]["accuracy"] <= 0.2 < honest("fedavg") - 0.5
 
 
 def test_a_decoder_filed_under_another_client_is_refused():
-    records, transport = run("ae-4", "foreign-decoder")
+    records, transport = run("ae-4", "foreign-decoder", rounds=3)  # decoders go up at the first selection
     assert transport.rounds_attacked >= 1
     assert sum(r["dropped"] for r in records) >= 1 + transport.rounds_attacked  # the attacker, and its victim
 
 
 def test_an_absurd_decoder_is_rejected_with_its_updates(caplog):
     with caplog.at_level(logging.WARNING):
-        records, transport = run("ae-4", "decoder")
+        records, transport = run("ae-4", "decoder", rounds=3)
     assert transport.rounds_attacked == 1  # a decoder goes up once, at the first selection
     assert "decoder layer 0 weight holds a weight of magnitude" in caplog.text
-    assert sum(r["rejected"] for r in records) == ROUNDS  # no decoder on the server: every update refused
+    assert [r["rejected"] for r in records] == [1, 1, 1]  # no decoder on the server: every update refused
