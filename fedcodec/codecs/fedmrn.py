@@ -10,8 +10,8 @@ The server regenerates the noise from the seed with the same generator (:func:`m
 SFC64 raw words, a bit stream NumPy keeps stable across platforms and versions) and rebuilds
 ``noise * mask`` exactly. The generator number (now 2) is in the high 4 bits of the noise byte, so a
 payload whose noise came from another generator is refused (``version``) instead of decoded wrong.
-Both ends work in pieces of :data:`CHUNK` values that stay in the CPU cache: about 150 M weights per
-second for encode + decode on one core (``benchmarks/throughput.py``). The fields
+Both ends work in pieces of :data:`CHUNK` values that stay in the CPU cache: more than 100 M weights
+per second for encode + decode on one core (``benchmarks/throughput.py``). The fields
 are bound to the run: the mask kind, noise kind and alpha must be the configured ones and the seed
 the one derived for (run, round, client) (:attr:`CodecContext.seed` on the server), so a client
 cannot choose its own scale, and a payload replayed from another round or client is rejected.
