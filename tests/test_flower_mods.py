@@ -383,3 +383,16 @@ def test_fedbat_in_the_apps_own_training_loop(tmp_path, monkeypatch):
     assert {int(r["bytes"]) for r in up_rows(ledger)} == {6_516}
     assert list(model) == list(load_app(PLAIN)[2].Net().state_dict())
     assert all(torch.isfinite(v).all() for v in model.values())
+
+
+def test_seeded_factors_in_the_apps_own_training_loop(tmp_path, monkeypatch):
+    """The factor codec (ΔW = B·A, B trained through compressed_training) in the quickstart app: its
+    B factors are latents of the model during the block, and the payload has its fixed-width size."""
+    model, ledger, _, _ = run_app(tmp_path, monkeypatch, FEDCODEC, codec="factor",
+                                  **{"codec-options": "rank=4", "num-server-rounds": 2})
+    # envelope 28 + header 41 (seed 8, 3 option bytes, 5 ranks u16, 5 scales f32) + B at 4 bits:
+    # 4 x (6 + 16 + 120 + 84 + 10) = 944 values = 472 B + biases at 4 bits: 5 scales 20 B + 236 values 118 B
+    assert {int(r["bytes"]) for r in up_rows(ledger)} == {679}
+    assert not up_rows(ledger, "rejected")
+    assert list(model) == list(load_app(PLAIN)[2].Net().state_dict())
+    assert all(torch.isfinite(v).all() for v in model.values())
