@@ -331,12 +331,13 @@ METHODS: dict[str, Method] = {
                                "FedMRN signed + range coding of the mask bits"),
 }
 # seeded factors (issue 17): per kernel ΔW = B·A, A from the client-round seed, B trained; 4-bit B
-# (levels 15) and 4-bit BatchNorm deltas (running variances in log space), range coded
+# (levels 15) and 4-bit BatchNorm deltas (running variances in log space), range coded. lr 0.05: at
+# 0.1 round 1's loss spikes (RESULTS §6: probes and the bench's seed 0 both favour 0.05)
 for _r in (8, 16, 32):
     METHODS[f"factor-{_r}-ec"] = Method("factor", {"rank": _r, "levels": 15, "dense_levels": 15, "entropy": True},
-                                        0.1, f"seeded factors, rank {_r}: B·A with A from the seed, 4-bit B and "
+                                        0.05, f"seeded factors, rank {_r}: B·A with A from the seed, 4-bit B and "
                                              "BatchNorm deltas, range coded")
-METHODS["factor-32"] = Method("factor", {"rank": 32, "levels": 15, "dense_levels": 15}, 0.1,
+METHODS["factor-32"] = Method("factor", {"rank": 32, "levels": 15, "dense_levels": 15}, 0.05,
                               "seeded factors, rank 32, 4-bit B and BatchNorm deltas, bit-packed")
 # the autoencoder codec at three latent sizes (chunks of 1024, linear AE, 6-bit latents; biases and
 # BatchNorm scales/shifts coded too, running statistics as float16), each with and without error

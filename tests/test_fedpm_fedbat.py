@@ -498,3 +498,59 @@ def test_bad_options_are_config_errors():
         with pytest.raises(ConfigError):
             build_codec("fedbat", step=bad)
     assert build_codec("fedpm", weight_seed=2**64 - 1).options.weight_seed == 2**64 - 1
+
+
+def test_fedpm_eval_mask_threshold_and_expected():
+    spec = tiny_spec()
+    params = random_update(spec, seed=3, scale=0.2)
+    for mode in ("threshold", "expected"):
+        alg = build_uplink("fedpm", eval_mask=mode).algorithm
+        g = alg.init_global(params, spec)
+        w0 = alg.frozen(spec)
+        theta = torch.tensor([0.0, 0.2, 0.5, 0.51, 0.9, 1.0])
+        name = "fc.weight"
+        t = torch.full(w0[name].shape, 0.3)
+        t.view(-1)[:6] = theta
+        model = g | {name: w0[name] * t}
+        out = alg.eval_params(model, spec, 5)
+        if mode == "expected":
+            assert all(torch.equal(out[n], model[n]) for n in model)
+        else:  # keep exactly the weights with theta > 1/2, whatever the seed
+            keep = out[name].view(-1)[:6] / w0[name].view(-1)[:6]
+            assert keep.tolist() == [0.0, 0.0, 0.0, 1.0, 1.0, 1.0]
+            assert torch.equal(out[name], alg.eval_params(model, spec, 99)[name])
+
+
+def test_fedpm_adam_scores_train_in_an_optimizer_of_their_own():
+    from fedcodec.fl.client import OptimizerPair, local_optimizer
+
+    uplink = build_uplink("fedpm", optimizer="adam", score_lr=0.2)
+    rt, glob = _runtime(uplink, _model("tiny"))
+    c = ctx(rt.spec, rng_seed=5, reference=glob)
+    param = uplink.algorithm.parametrization(c, glob)
+    latent = param.init()
+    trainable = {n: p for n, p in rt.model.named_parameters() if n not in latent}
+    opt = local_optimizer(rt.task, LocalTraining(epochs=1, batch_size=8, lr=0.05), trainable, latent, param)
+    assert isinstance(opt, OptimizerPair)
+    assert isinstance(opt.main, torch.optim.SGD) and isinstance(opt.latent, torch.optim.Adam)
+    assert [g["lr"] for g in opt.latent.param_groups] == [0.2]
+    assert {id(p) for g in opt.main.param_groups for p in g["params"]} == {id(p) for p in trainable.values()}
+    # one Adam step moves every score with a nonzero gradient by about lr, whatever the gradient's size
+    for v in latent.values():
+        v.grad = torch.full_like(v, 1e-2)
+    for p in trainable.values():
+        p.grad = torch.zeros_like(p)
+    before = {n: v.detach().clone() for n, v in latent.items()}
+    opt.step()
+    for n, v in latent.items():
+        assert torch.allclose(before[n] - v.detach(), torch.full_like(v, 0.2), atol=1e-5), n
+    # the default (sgd) keeps one optimizer with the scores in a group at lr * score_lr_scale
+    sgd = build_uplink("fedpm", score_lr_scale=3.0).algorithm.parametrization(c, glob)
+    one = local_optimizer(rt.task, LocalTraining(epochs=1, batch_size=8, lr=0.05), trainable, sgd.init(), sgd)
+    assert isinstance(one, torch.optim.SGD) and one.param_groups[-1]["lr"] == pytest.approx(0.15)
+
+
+def test_fedpm_bad_training_options_are_config_errors():
+    for bad in ({"optimizer": "rmsprop"}, {"score_lr": 0}, {"score_lr": float("nan")}, {"eval_mask": "mean"}):
+        with pytest.raises(ConfigError):
+            build_codec("fedpm", **bad)

@@ -36,6 +36,11 @@ class Parametrization:
     names: tuple[str, ...] = ()
     #: the latent tensors' learning rate is the client's lr times this; they get no weight decay
     lr_scale: float = 1.0
+    #: the latents' own optimizer ("sgd" or "adam") at the learning rate :attr:`lr`; None: the latents
+    #: train in the client's optimizer at its lr times :attr:`lr_scale` (FedPM's scores want Adam while
+    #: the BatchNorm values beside them keep the client's SGD)
+    optimizer: str | None = None
+    lr: float | None = None
     #: where training runs (set by :meth:`to`)
     device: torch.device = torch.device("cpu")
     #: the client-round's generator of the draws (:meth:`uniform`); None: torch's global generator

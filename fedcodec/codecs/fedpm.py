@@ -75,6 +75,8 @@ from .wire import BodyReader, BodyWriter
 EPS = 1e-3
 #: buckets of the reference's theta used as entropy-coding contexts
 CONTEXTS = 8
+#: what :meth:`FedPM.eval_params` evaluates (option ``eval_mask``)
+EVAL_MASKS = ("sample", "threshold", "expected")
 
 
 def fan_in(t: TensorSpec) -> int:
@@ -115,9 +117,10 @@ class BernoulliMaskTraining(Parametrization):
     """Learn mask scores over frozen weights ``w0``; see the module docstring."""
 
     def __init__(self, specs: list[TensorSpec], w0: dict[str, torch.Tensor], global_params: Update,
-                 gen: torch.Generator | None, lr_scale: float = 1.0):
+                 gen: torch.Generator | None, lr_scale: float = 1.0, optimizer: str | None = None,
+                 lr: float | None = None):
         self.names = tuple(t.name for t in specs)
-        self.lr_scale = lr_scale
+        self.lr_scale, self.optimizer, self.lr = lr_scale, optimizer, lr
         self.w0, self.gen = w0, gen
         self.base = {n: global_params[n].detach().float() for n in self.names}
 
@@ -159,6 +162,20 @@ class FedPMOptions(Options):
     #: so with the client's SGD lr they barely move; this multiplies their learning rate only
     score_lr_scale: float = 1.0
     prior_strength: float = 0.0
+    #: the scores' optimizer: "sgd" (the client's optimizer at its lr times ``score_lr_scale``) or
+    #: "adam" (Adam of their own at ``score_lr``, as the paper's code; BatchNorm keeps the client's)
+    optimizer: str = "sgd"
+    score_lr: float = 0.1
+    #: the evaluated network: "sample" (one mask m ~ Bernoulli(theta), the paper's), "threshold"
+    #: (m = theta > 1/2) or "expected" (the weights w0 * theta)
+    eval_mask: str = "sample"
+    #: the new theta from the round's Beta posterior: its "mean" (shrunk toward 1/2 by the uniform
+    #: prior: at most (K + 1) / (K + 2) with K masks) or its "mode" (the paper's code: the fraction of
+    #: masks set, so unanimous clients make a weight sure)
+    estimate: str = "mean"
+    #: with estimate "mode", theta is kept in [clip, 1 - clip] (the paper's code sends masks as
+    #: clip / 1 - clip), so a weight every client dropped can still come back
+    clip: float = 0.01
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "weight_seed", _seed(self.weight_seed))  # up to 2**64-1: may come as a string
@@ -169,6 +186,16 @@ class FedPMOptions(Options):
             raise ConfigError(f"prior_strength must be a number >= 0, got {self.prior_strength!r}")
         if not self.score_lr_scale > 0:
             raise ConfigError(f"score_lr_scale must be a positive number, got {self.score_lr_scale!r}")
+        if not (math.isfinite(self.score_lr) and self.score_lr > 0):
+            raise ConfigError(f"score_lr must be a positive number, got {self.score_lr!r}")
+        if self.optimizer not in ("sgd", "adam"):
+            raise ConfigError(f"optimizer must be sgd or adam (the mask scores' optimizer), got {self.optimizer!r}")
+        if not 0 <= self.clip < 0.5:
+            raise ConfigError(f"clip must be in [0, 0.5), got {self.clip!r}")
+        if self.estimate not in ("mean", "mode"):
+            raise ConfigError(f"estimate must be mean or mode (of the Beta posterior), got {self.estimate!r}")
+        if self.eval_mask not in EVAL_MASKS:
+            raise ConfigError(f"eval_mask must be one of {', '.join(EVAL_MASKS)}, got {self.eval_mask!r}")
 
 
 class FrozenWeights:
@@ -218,21 +245,32 @@ class FedPM(FrozenWeights, Algorithm):
                 count += torch.round((upd[name].to(torch.float64) + g) / w0).clamp(0, 1)
             lam = self.options.prior_strength
             theta = (g / w0).clamp(0, 1)
-            step[name] = w0 * ((1.0 + lam * theta + count) / (2.0 + lam + k)) - g
+            if self.options.estimate == "mode" and lam + k > 0:
+                clip = self.options.clip
+                step[name] = w0 * ((lam * theta + count) / (lam + k)).clamp(clip, 1 - clip) - g
+            else:
+                step[name] = w0 * ((1.0 + lam * theta + count) / (2.0 + lam + k)) - g
         return step
 
     def eval_params(self, params: Update, spec: ModelSpec, seed: int) -> Update:
+        if self.options.eval_mask == "expected":
+            return dict(params)
         masked = split_specs(spec)[0]
         w0 = torch.from_numpy(self._w0_flat(spec).copy())
         theta = (torch.from_numpy(spec.flatten(params, masked)) / w0).clamp(0, 1)
-        gen = torch.Generator().manual_seed(int(seed) % 2**63)
-        sample = (w0 * (torch.rand(theta.shape, generator=gen) < theta)).numpy()
-        return dict(params) | spec.unflatten(sample, masked)
+        if self.options.eval_mask == "threshold":
+            keep = theta > 0.5
+        else:
+            keep = torch.rand(theta.shape, generator=torch.Generator().manual_seed(int(seed) % 2**63)) < theta
+        return dict(params) | spec.unflatten((w0 * keep).numpy(), masked)
 
     def parametrization(self, ctx: CodecContext, global_params: Update) -> Parametrization:
         masked, _ = split_specs(ctx.spec)
-        return BernoulliMaskTraining(masked, self.frozen(ctx.spec), global_params, ctx.rng,
-                                     self.options.score_lr_scale)
+        o = self.options
+        if o.optimizer == "adam":
+            return BernoulliMaskTraining(masked, self.frozen(ctx.spec), global_params, ctx.rng,
+                                         optimizer="adam", lr=o.score_lr)
+        return BernoulliMaskTraining(masked, self.frozen(ctx.spec), global_params, ctx.rng, o.score_lr_scale)
 
 
 @register("fedpm", "Bernoulli masks over frozen random weights, Bayesian aggregation (FedPM)", algorithm=FedPM)

@@ -151,18 +151,50 @@ def param_groups(params: dict[str, nn.Parameter], lr_scales: dict[str, float], l
     return [{"params": ps, "lr": lr * scale} for scale, ps in by_scale.items()]
 
 
+class OptimizerPair:
+    """Two optimizers stepped as one: the model's tensors under the client's optimizer, a
+    parametrization's latents under their own (:attr:`Parametrization.optimizer`). :attr:`state` is
+    the first one's, the only state a client keeps between rounds (latents start afresh)."""
+
+    def __init__(self, main: torch.optim.Optimizer, latent: torch.optim.Optimizer):
+        self.main, self.latent = main, latent
+
+    @property
+    def state(self):
+        return self.main.state
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.main.zero_grad(set_to_none=set_to_none)
+        self.latent.zero_grad(set_to_none=set_to_none)
+
+    def step(self) -> None:
+        self.main.step()
+        self.latent.step()
+
+
+def _optimizer(kind: str, groups: list[dict], cfg: LocalTraining, lr: float) -> torch.optim.Optimizer:
+    if kind == "adam":
+        return torch.optim.Adam(groups, lr=lr, weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+
+
 def local_optimizer(task: Task, cfg: LocalTraining, trainable: dict[str, torch.Tensor], latent: Update,
-                    param: Parametrization | None) -> torch.optim.Optimizer:
+                    param: Parametrization | None) -> torch.optim.Optimizer | OptimizerPair:
     """The optimizer of local training: ``trainable`` in the task's lr scale groups (:func:`param_groups`),
-    then a parametrization's ``latent`` tensors in a group of their own. Both optimizers are elementwise,
+    then a parametrization's ``latent`` tensors in a group of their own, or in an optimizer of their
+    own where the parametrization names one (:class:`OptimizerPair`). Both optimizers are elementwise,
     so it serves :mod:`fedcodec.fl.batched`'s tensors stacked over clients as well."""
     groups = param_groups(trainable, getattr(task, "lr_scales", None) or {}, cfg.lr)
-    if latent:  # a parametrization's latents: their own lr scale, no weight decay (it would pull
-        # FedBAT's log step sizes and FedPM's scores toward arbitrary values)
+    # a parametrization's latents get no weight decay (it would pull FedBAT's log step sizes and
+    # FedPM's scores toward arbitrary values)
+    if latent and param.optimizer is not None:
+        lr = param.lr if param.lr is not None else cfg.lr * param.lr_scale
+        own = _optimizer(param.optimizer, [{"params": list(latent.values()), "lr": lr, "weight_decay": 0.0}],
+                         cfg, lr)
+        return OptimizerPair(_optimizer(cfg.optimizer, groups, cfg, cfg.lr), own) if groups else own
+    if latent:
         groups.append({"params": list(latent.values()), "lr": cfg.lr * param.lr_scale, "weight_decay": 0.0})
-    if cfg.optimizer == "adam":
-        return torch.optim.Adam(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    return _optimizer(cfg.optimizer, groups, cfg, cfg.lr)
 
 
 def local_train(runtime: ClientRuntime, global_params: Update, x: torch.Tensor, y: torch.Tensor,
