@@ -8,8 +8,8 @@ import textwrap
 from pathlib import Path
 
 from . import __version__
-from .config import (CONFIG_KEYS, METHODS, PRESETS, Key, build_config, coerce, parse_assignments, parse_scalar,
-                     split_assignment)
+from .config import (CONFIG_KEYS, METHOD_PATTERNS, METHODS, PRESETS, Key, build_config, coerce, parse_assignments,
+                     parse_scalar, split_assignment)
 from .errors import ConfigError, FedcodecError
 
 
@@ -56,6 +56,12 @@ def _config_flags(p, names=None, **helps) -> None:
 
 #: the methods of ``fedcodec run`` (README command 1): FedAvg against FedMRN with range-coded masks
 DEFAULT_METHODS = "fedavg,fedmrn-binary-ec"
+#: the sweep of ``fedcodec frontier``: FedAvg, then each family at a few knob values, from 1 bit per
+#: value (qsgd-1) to rank-8 factors and 16-value autoencoder latents
+FRONTIER_METHODS = ("fedavg,qsgd-1,qsgd-4,qsgd-16,topk-ef-0.001,topk-ef-0.01,topk-ef-0.05,fedmrn-binary,"
+                    "fedmrn-binary-ec,factor-8-ec,factor-16-ec,factor-32-ec,ae-16,ae-64")
+#: ``--method``'s help: the registered methods and the parametric names
+METHODS_HELP = f"comma-separated methods: {', '.join(METHODS)}; or patterns: {METHOD_PATTERNS}"
 
 
 def _add_run(sub) -> None:
@@ -64,7 +70,7 @@ def _add_run(sub) -> None:
                                    "ledger.csv per method, a combined results.md table and plot.png.",
                        formatter_class=_HelpFormatter, epilog=_keys_epilog())
     p.add_argument("--method", default=DEFAULT_METHODS,
-                   help=f"comma-separated methods: {', '.join(METHODS)}")
+                   help=METHODS_HELP)
     _experiment_args(p)
     p.add_argument("--resume", action="store_true",
                    help="continue an interrupted run from its checkpoints (same --out/--name and settings); "
@@ -82,20 +88,51 @@ def _add_compare(sub) -> None:
                        formatter_class=_HelpFormatter, epilog=_keys_epilog())
     p.add_argument("--method", default="fedavg,fp16,signsgd,ef-signsgd,qsgd-1,qsgd-4,topk-ef,fedpm,fedbat,"
                                        "fedmrn-binary,fedmrn-signed,fedmrn-binary-ec",
-                   help=f"comma-separated methods: {', '.join(METHODS)}")
-    p.add_argument("--jobs", type=int, default=1,
-                   help="methods run at once, each in its own process with --threads/jobs torch threads "
-                        "(a method's result depends only on its config, seed and thread count)")
+                   help=METHODS_HELP)
+    _jobs_arg(p)
     _experiment_args(p)
 
 
-def _experiment_args(p) -> None:
+def _jobs_arg(p) -> None:
+    p.add_argument("--jobs", type=int, default=1,
+                   help="methods run at once, each in its own process with --threads/jobs torch threads "
+                        "(a method's result depends only on its config, seed and thread count)")
+
+
+def _add_frontier(sub) -> None:
+    p = sub.add_parser("frontier", help="accuracy vs uplink bytes over methods and seeds: the Pareto front "
+                                        "(resumable)",
+                       description="Run every (seed, method) pair of one setting into <out>/<name>/s<SEED>/<METHOD>/ "
+                                   "(resumable like compare: a finished run is not rerun, an interrupted one "
+                                   "continues from its checkpoint), then write frontier.md (per method: seeds, final "
+                                   "accuracy mean and sample std over seeds, best accuracy, uplink bytes per update "
+                                   "with every byte counted, bits per parameter, ratio to float32, and whether it is "
+                                   "on the non-dominated front) and frontier.png (final accuracy vs uplink bytes, "
+                                   "log x, the front as a step line). With --from, nothing is trained: the frontier "
+                                   "is built from existing run folders of one setting (fedcodec.frontier).",
+                       formatter_class=_HelpFormatter, epilog=_keys_epilog())
+    p.add_argument("--method", default=FRONTIER_METHODS,
+                   help=f"the sweep: {METHODS_HELP} (e.g. qsgd-8, topk-ef-0.003, factor-64-ec, ae-32-ef)")
+    p.add_argument("--seeds", default="0", help="comma-separated seeds, e.g. 0,1,2: every method runs with each "
+                                                "(they set the seed key, over --config and --set)")
+    _jobs_arg(p)
+    p.add_argument("--from", dest="from_dirs", nargs="+", metavar="DIR",
+                   help="no training: build the frontier from the finished runs (<method>/metrics.json) in or "
+                        "below these folders (up to 4 levels down), e.g. runs/<name> of compare or frontier; "
+                        "the experiment flags are then ignored")
+    p.add_argument("--plot-out", metavar="DIR",
+                   help="where frontier.md and frontier.png go (default: the run folder <out>/<name>; with --from, "
+                        "the first DIR)")
+    _experiment_args(p, skip=("seed",))
+
+
+def _experiment_args(p, skip: tuple[str, ...] = ()) -> None:
     p.add_argument("--preset", choices=sorted(PRESETS), default="quick",
                    help="starting point: quick (README command 1: under 3 min for two methods on 2 CPU "
                         "cores), bench (~10 min per method), paper (GPU)")
     p.add_argument("--config", metavar="FILE", help="TOML file with config keys (overrides the preset)")
     p.add_argument("--name", help="run name (a folder under --out); default from dataset/partition/preset")
-    _config_flags(p)
+    _config_flags(p, [name for name in CONFIG_KEYS if name not in skip])
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="any config key, e.g. --set min_client_size=20; uplink codec options as codec.NAME=VALUE "
                         "(e.g. --set codec.noise=gaussian --set codec.entropy=true --set codec.ef=true); the "
@@ -104,17 +141,20 @@ def _experiment_args(p) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
-def _configs(args):
+def _configs(args, tag: str | None = None, **fixed):
+    """One validated Config per ``--method`` (``fixed`` config values over the flags and ``--set``),
+    and the run folder ``<out>/<name>`` (default name: dataset-partition-preset-``tag``, by default
+    s<seed>)."""
     overrides, codec_opts = parse_assignments(args.set)
     overrides.update({key.name: getattr(args, key.name) for key in CONFIG_KEYS.values()
                       if key.flag and hasattr(args, key.name)})
     methods = [m.strip() for m in args.method.split(",") if m.strip()]
     if len(set(methods)) != len(methods):
         raise ConfigError(f"--method lists a method twice: {args.method}")
-    configs = [build_config(args.preset, args.config, {**overrides, "method": m, "codec_options": codec_opts})
+    configs = [build_config(args.preset, args.config, {**overrides, **fixed, "method": m, "codec_options": codec_opts})
                for m in methods]  # validates every method before any training
     first = configs[0]
-    name = args.name or f"{first.dataset}-{first.partition}-{args.preset}-s{first.seed}"
+    name = args.name or f"{first.dataset}-{first.partition}-{args.preset}-{tag or f's{first.seed}'}"
     return configs, Path(first.out_dir) / name
 
 
@@ -158,43 +198,78 @@ def _run_one(cfg, out: str, threads: int) -> tuple[str, dict]:
     return cfg.method, run_method(cfg, source, Path(out), resume=True, progress=False)[1]
 
 
-def _cmd_compare(args) -> int:
+def _run_all(jobs: list, workers: int, progress: bool, label=lambda cfg: cfg.method) -> None:
+    """Run each (config, folder) of ``jobs`` with ``resume=True`` (a finished run is not rerun, an
+    interrupted one continues), ``workers`` at a time in their own processes, and print each final
+    accuracy under ``label(config)``. The configs share one dataset."""
     import dataclasses
 
-    from .report import rebuild
-
-    configs, root = _configs(args)
-    if args.jobs < 1:
+    if workers < 1:
         raise ConfigError("--jobs must be >= 1")
-    if args.jobs == 1:
+    first = jobs[0][0]
+    if workers == 1:
         import torch
 
         from .data import load_dataset
         from .fl.runner import run_method
 
-        if configs[0].threads:
-            torch.set_num_threads(configs[0].threads)
-        first = configs[0]
+        if first.threads:
+            torch.set_num_threads(first.threads)
         source = load_dataset(first.dataset, first.data_dir, allow_subset=first.allow_subset)
-        for cfg in configs:
-            _, summary = run_method(cfg, source, root / cfg.method, resume=True, progress=not args.no_progress)
-            print(f"{cfg.method}: final accuracy {100 * summary['final_accuracy']:.2f}", flush=True)
-    else:
-        import multiprocessing as mp
-        import os
-        from concurrent.futures import ProcessPoolExecutor, as_completed
+        for cfg, out in jobs:
+            _, summary = run_method(cfg, source, out, resume=True, progress=progress)
+            print(f"{label(cfg)}: final accuracy {100 * summary['final_accuracy']:.2f}", flush=True)
+        return
+    import multiprocessing as mp
+    import os
+    from concurrent.futures import ProcessPoolExecutor, as_completed
 
-        threads = max(1, (configs[0].threads or os.cpu_count() or 1) // args.jobs)
-        print(f"running {len(configs)} methods, {args.jobs} at a time with {threads} thread(s) each; "
-              f"results in {root}", flush=True)
-        with ProcessPoolExecutor(args.jobs, mp_context=mp.get_context("spawn")) as pool:
-            futures = [pool.submit(_run_one, dataclasses.replace(cfg), str(root / cfg.method), threads)
-                       for cfg in configs]
-            for fut in as_completed(futures):
-                method, summary = fut.result()
-                print(f"{method}: final accuracy {100 * summary['final_accuracy']:.2f}", flush=True)
+    threads = max(1, (first.threads or os.cpu_count() or 1) // workers)
+    print(f"running {len(jobs)} runs, {workers} at a time with {threads} thread(s) each", flush=True)
+    with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
+        futures = {pool.submit(_run_one, dataclasses.replace(cfg), str(out), threads): cfg for cfg, out in jobs}
+        for fut in as_completed(futures):
+            _, summary = fut.result()
+            print(f"{label(futures[fut])}: final accuracy {100 * summary['final_accuracy']:.2f}", flush=True)
+
+
+def _cmd_compare(args) -> int:
+    from .report import rebuild
+
+    configs, root = _configs(args)
+    print(f"results in {root}", flush=True)
+    _run_all([(cfg, root / cfg.method) for cfg in configs], args.jobs, not args.no_progress)
     print(rebuild(root))
     print(f"\nresults: {root}/results.md  plot: {root}/plot.png")
+    return 0
+
+
+def _parse_seeds(text: str) -> list[int]:
+    """``"0,1,2"`` → [0, 1, 2] (each checked as the seed key; no repeats, at most 1000)."""
+    words = [w.strip() for w in text.split(",") if w.strip()]
+    if not words or len(words) > 1000:
+        raise ConfigError(f"--seeds expects 1 to 1000 comma-separated integers, e.g. 0,1,2; got {text[:80]!r}")
+    seeds = [coerce("seed", w)[1] for w in words]
+    if len(set(seeds)) != len(seeds):
+        raise ConfigError(f"--seeds lists a seed twice: {text[:80]}")
+    return seeds
+
+
+def _cmd_frontier(args) -> int:
+    from .frontier import build
+
+    if args.from_dirs:
+        dest = Path(args.plot_out or args.from_dirs[0])
+        table, md, png = build(args.from_dirs, dest)
+    else:
+        runs = []
+        for seed in _parse_seeds(args.seeds):  # every config is validated before any training
+            configs, root = _configs(args, tag="frontier", seed=seed)
+            runs += [(cfg, root / f"s{seed}" / cfg.method) for cfg in configs]
+        print(f"{len(runs)} runs in {root}", flush=True)
+        _run_all(runs, args.jobs, not args.no_progress, label=lambda cfg: f"s{cfg.seed}/{cfg.method}")
+        table, md, png = build([out for _, out in runs], Path(args.plot_out or root))
+    print(f"\n{table}\n\nfrontier: {md}  plot: {png}")
     return 0
 
 
@@ -230,6 +305,7 @@ def _cmd_codecs(args) -> int:
     print("methods (for --method):")
     for name, m in METHODS.items():
         print(f"  {name:17s} {m.summary}; codec {m.codec}, lr {m.lr}")
+    print(f"method patterns (any knob value, the lr and options of the family's entries above): {METHOD_PATTERNS}")
     return 0
 
 
@@ -304,6 +380,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_run(sub)
     _add_compare(sub)
+    _add_frontier(sub)
     d = sub.add_parser("data", help="find or download datasets")
     d.add_argument("action", choices=["where", "download"], help="where: print the Fashion-MNIST directory "
                    "that would be used; download: fetch it into the cache (needs internet)")
@@ -325,7 +402,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handler = {"run": _cmd_run, "compare": _cmd_compare, "data": _cmd_data, "codecs": _cmd_codecs,
-               "flower": _cmd_flower, "report": _cmd_report, "neural": _cmd_neural}[args.command]
+               "flower": _cmd_flower, "report": _cmd_report, "neural": _cmd_neural, "frontier": _cmd_frontier}[args.command]
     try:
         return handler(args)
     except FedcodecError as err:

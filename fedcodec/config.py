@@ -330,23 +330,119 @@ METHODS: dict[str, Method] = {
     "fedmrn-signed-ec": Method("fedmrn", {"mask": "signed", "alpha": 0.005, "entropy": True}, 0.1,
                                "FedMRN signed + range coding of the mask bits"),
 }
+# the parametric families: resolve_method builds any knob value of these on demand (qsgd-8,
+# topk-ef-0.003, factor-64-ec, ae-32-ef), with the lr and options of the registered entries below
+
+
+def _qsgd(levels: int) -> Method:
+    return Method("qsgd", {"levels": levels}, 0.03, f"stochastic uniform quantization, {levels + 1} levels "
+                                                    f"(s={levels})")
+
+
+def _topk(fraction: float, ef: bool) -> Method:
+    return Method("topk", {"fraction": fraction, **({"ef": True} if ef else {})}, 0.03,
+                  f"top-{100 * fraction:g}% sparsification" + (" with error feedback" if ef else ""))
+
+
 # seeded factors (issue 17): per kernel ΔW = B·A, A from the client-round seed, B trained; 4-bit B
 # (levels 15) and 4-bit BatchNorm deltas (running variances in log space), range coded. lr 0.05: at
 # 0.1 round 1's loss spikes (RESULTS §6: probes and the bench's seed 0 both favour 0.05)
+def _factor(rank: int, ec: bool) -> Method:
+    options = {"rank": rank, "levels": 15, "dense_levels": 15, **({"entropy": True} if ec else {})}
+    return Method("factor", options, 0.05, f"seeded factors, rank {rank}: B·A with A from the seed, 4-bit B and "
+                                          "BatchNorm deltas, " + ("range coded" if ec else "bit-packed"))
+
+
+# the autoencoder codec (chunks of 1024, linear AE, 6-bit latents; biases and BatchNorm scales/shifts
+# coded too, running statistics as float16), with and without error feedback. No range coding: for
+# ~1.5k latents its 256-entry count table costs more than it saves
+def _ae(latent: int, ef: bool) -> Method:
+    if ef:
+        return Method("ae", {"latent": latent, "bits": 6, "ef": True}, 0.03, f"ae-{latent} with error feedback")
+    return Method("ae", {"latent": latent, "bits": 6}, 0.03,
+                  f"per-client autoencoder, 1024-value chunks -> {latent} latents (Chandar et al.)")
+
+
 for _r in (8, 16, 32):
-    METHODS[f"factor-{_r}-ec"] = Method("factor", {"rank": _r, "levels": 15, "dense_levels": 15, "entropy": True},
-                                        0.05, f"seeded factors, rank {_r}: B·A with A from the seed, 4-bit B and "
-                                             "BatchNorm deltas, range coded")
-METHODS["factor-32"] = Method("factor", {"rank": 32, "levels": 15, "dense_levels": 15}, 0.05,
-                              "seeded factors, rank 32, 4-bit B and BatchNorm deltas, bit-packed")
-# the autoencoder codec at three latent sizes (chunks of 1024, linear AE, 6-bit latents; biases and
-# BatchNorm scales/shifts coded too, running statistics as float16), each with and without error
-# feedback. No range coding: for ~1.5k latents its 256-entry count table costs more than it saves
+    METHODS[f"factor-{_r}-ec"] = _factor(_r, True)
+METHODS["factor-32"] = _factor(32, False)
 for _k in (4, 16, 64):
-    METHODS[f"ae-{_k}"] = Method("ae", {"latent": _k, "bits": 6}, 0.03,
-                                 f"per-client autoencoder, 1024-value chunks -> {_k} latents (Chandar et al.)")
-    METHODS[f"ae-{_k}-ef"] = Method("ae", {"latent": _k, "bits": 6, "ef": True}, 0.03,
-                                    f"ae-{_k} with error feedback")
+    METHODS[f"ae-{_k}"] = _ae(_k, False)
+    METHODS[f"ae-{_k}-ef"] = _ae(_k, True)
+
+#: a method name is at most this many characters: lowercase letters, digits, '.' and '-', starting
+#: with a letter or digit (it names the method's folder under the run)
+MAX_METHOD_NAME = 64
+_METHOD_NAME = re.compile(r"[a-z0-9][a-z0-9.-]*")
+
+
+def _count(what: str, lo: int, hi: int):
+    """A parser of a family's integer knob: canonical decimal digits in ``lo..hi``."""
+    def parse(text: str) -> int:
+        if re.fullmatch(r"[1-9][0-9]{0,8}", text) and lo <= int(text) <= hi:
+            return int(text)
+        raise ValueError(f"{what} must be an integer in {lo}..{hi} written without leading zeros")
+    return parse
+
+
+def _fraction(text: str) -> float:
+    """A top-k fraction: a decimal ``0.DIGITS`` in (0, 1) without trailing zeros (``0.003``)."""
+    if re.fullmatch(r"0\.[0-9]*[1-9]", text):
+        return float(text)
+    raise ValueError("fraction must be a decimal in (0, 1) written as 0.DIGITS without trailing zeros (e.g. 0.003)")
+
+
+def _families() -> list[tuple[re.Pattern, Any, Any]]:
+    """(name pattern with the knob as group 1, knob parser, Method builder), tried in order."""
+    from .codecs.autoencoder import AEOptions
+    from .codecs.factor import MAX_RANK
+    from .codecs.qsgd import MAX_LEVELS
+
+    latents = _count("latent", 1, AEOptions.chunk - 1)  # the ae codec compresses only below its chunk
+    ranks = _count("rank", 1, MAX_RANK)
+    return [
+        (re.compile(r"qsgd-(.*)"), _count("levels", 1, MAX_LEVELS), _qsgd),
+        (re.compile(r"topk-ef-(.*)"), _fraction, lambda f: _topk(f, True)),
+        (re.compile(r"topk-(.*)"), _fraction, lambda f: _topk(f, False)),
+        (re.compile(r"factor-(.*)-ec"), ranks, lambda r: _factor(r, True)),
+        (re.compile(r"factor-(.*)"), ranks, lambda r: _factor(r, False)),
+        (re.compile(r"ae-(.*)-ef"), latents, lambda k: _ae(k, True)),
+        (re.compile(r"ae-(.*)"), latents, lambda k: _ae(k, False)),
+    ]
+
+
+#: the parametric method names of :func:`resolve_method`, for help texts and errors
+METHOD_PATTERNS = ("qsgd-<levels> (1..255); topk-<fraction>, topk-ef-<fraction> (0 < fraction < 1, e.g. 0.003); "
+                   "factor-<rank>, factor-<rank>-ec (1..65535); ae-<latent>, ae-<latent>-ef (1..1023)")
+
+
+def resolve_method(name: str) -> Method:
+    """The :class:`Method` called ``name``: an exact :data:`METHODS` entry (plugins' included), else
+    one of the parametric families (:data:`METHOD_PATTERNS`) with the family's lr and options at the
+    knob value the name gives: ``qsgd-8`` (levels 8), ``topk-0.05`` and ``topk-ef-0.003`` (fraction,
+    with error feedback), ``factor-64`` and ``factor-64-ec`` (rank, range coded), ``ae-32`` and
+    ``ae-32-ef`` (latent, error feedback). A name is user input and names a folder: it is at most
+    :data:`MAX_METHOD_NAME` characters of ``[a-z0-9.-]``, and a knob is written canonically (``qsgd-8``,
+    not ``qsgd-08``), so one method has one folder. Anything else is a :class:`ConfigError` that
+    lists the methods and the patterns."""
+    if not isinstance(name, str):
+        raise ConfigError(f"method expects a method name, got {_show(name)}")
+    if len(name) > MAX_METHOD_NAME:
+        raise ConfigError(f"method name {_show(name)} is longer than {MAX_METHOD_NAME} characters")
+    if not _METHOD_NAME.fullmatch(name):
+        raise ConfigError(f"method name {_show(name)} may hold only lowercase letters, digits, '.' and '-', "
+                          "starting with a letter or digit")
+    if name in METHODS:
+        return METHODS[name]
+    for pattern, knob, build in _families():
+        match = pattern.fullmatch(name)
+        if match:
+            try:
+                return build(knob(match.group(1)))
+            except ValueError as err:
+                raise ConfigError(f"method {name!r}: {err}, got {match.group(1)!r}") from None
+    raise ConfigError(f"unknown method {name!r}{_did_you_mean(name, METHODS)}. Methods: {', '.join(METHODS)}; "
+                      f"or a pattern: {METHOD_PATTERNS}")
 
 
 def import_plugins(names: str) -> None:
@@ -406,7 +502,8 @@ class Config:
     optimizer: str = setting("sgd", "local optimizer", choices=("sgd", "adam"))
     keep_optimizer_state: bool = setting(False, "a client keeps its optimizer state between rounds (else afresh)")
     # method
-    method: str = setting("fedavg", "a method of `fedcodec codecs`: uplink codec, its options, client lr")
+    method: str = setting("fedavg", "a method of `fedcodec codecs` (or a pattern such as qsgd-8, "
+                          "topk-ef-0.003, factor-64-ec, ae-32): uplink codec, its options, client lr")
     codec_options: dict[str, Any] = setting({}, "uplink codec options over the method's (--set codec.NAME=VALUE)")
     downlink: str = setting("fp32", "codec of the server -> client broadcast")
     downlink_options: dict[str, Any] = setting({}, "downlink codec options (--set downlink.NAME=VALUE)")
@@ -451,9 +548,8 @@ class Config:
                                  flag="--batch-clients")
 
     def method_spec(self) -> Method:
-        if self.method not in METHODS:
-            raise ConfigError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
-        return METHODS[self.method]
+        """The method named by ``method`` (:func:`resolve_method`: a registered one or a pattern)."""
+        return resolve_method(self.method)
 
     @property
     def client_lr(self) -> float:

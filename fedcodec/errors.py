@@ -55,5 +55,9 @@ class CodecModelError(ConfigError):
     """A learned codec's saved model (``codec.safetensors``) is unreadable, damaged or not one."""
 
 
+class ResultsFileError(ConfigError):
+    """A run's results file (``metrics.json``) is unreadable, too large, or not one fedcodec wrote."""
+
+
 class CheckpointError(ConfigError):
     """A run checkpoint is unreadable, damaged, or does not belong to this run's model."""

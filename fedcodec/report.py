@@ -192,9 +192,16 @@ def plot(runs: dict[str, list[dict]], path: Path, title: str) -> None:
         a.legend()
         b.legend()
     fig.suptitle(title)
+    save_figure(fig, path)
+
+
+def save_figure(fig, path: Path) -> None:
+    """Write ``fig`` to the PNG ``path`` atomically (a reader never sees half a PNG) and close it."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=120)  # then renamed: a reader never sees half a PNG
+    fig.savefig(tmp, dpi=120)  # then renamed
     plt.close(fig)
     os.replace(tmp, path)
 
