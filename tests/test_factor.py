@@ -372,3 +372,146 @@ def test_dense_levels_stage_option_for_other_kernel_codecs():
         build_codec("qsgd", dense_levels=256)
     # the factor codec's own option stays its own (its header carries it; no id suffix)
     assert build_codec("factor", dense_levels=3).codec_id == "factor"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# learned rows (the "AE v2" decoder: derived from the run's history by both ends)
+
+
+def _history(spec, scale=0.05, seed=4):
+    """(initial, reference): a reference that moved from the initial model in every tensor."""
+    g = torch.Generator().manual_seed(seed)
+    initial = {t.name: torch.randn(t.shape, generator=g) * 0.3 for t in spec.tensors}
+    initial |= {t.name: torch.ones(t.shape) for t in spec.tensors if t.name.endswith("running_var")}
+    reference = {n: v + torch.randn(v.shape, generator=g) * scale for n, v in initial.items()}
+    return initial, reference
+
+
+def test_learned_rows_are_pinned_on_a_literal_history():
+    from fedcodec.codecs.factor import learned_rows
+
+    t = TensorSpec("w", (2, 4), "weight")
+    initial = {"w": torch.zeros(2, 4)}
+    reference = {"w": torch.tensor([[3.0, 0, 0, 0], [0, 0, -2.0, 0]])}
+    rows, digest = learned_rows(reference, initial, [t], [3], 2)
+    # right singular vectors e1 (3) and e3 (2; sign made positive), times sqrt(rank), times 2^12: rint(4096 sqrt 3)
+    assert rows[0].tolist() == [[7094, 0, 0, 0], [0, 0, 7094, 0]]
+    expected = hashlib.blake2b(struct.pack("<H", 2) + struct.pack("<8i", 7094, 0, 0, 0, 0, 0, 7094, 0),
+                               digest_size=8).digest()
+    assert digest == expected
+    # at most `learned`, and never more rows than the history has rank
+    assert learned_rows(reference, initial, [t], [3], 1)[0][0].tolist() == [[7094, 0, 0, 0]]
+    single = {"w": torch.tensor([[1.0, 1.0, 0, 0], [2.0, 2.0, 0, 0]])}
+    assert learned_rows(single, initial, [t], [3], 2)[0][0].tolist() == [[5017, 5017, 0, 0]]  # rint(4096 sqrt(3/2))
+    # no history (round 1): no learned rows; the bases are the seeded ones
+    none, _ = learned_rows(initial, initial, [t], [3], 2)
+    assert none[0].shape == (0, 4)
+    assert np.array_equal(integer_bases(9, [t], [3], "gaussian", none)[0], integer_bases(9, [t], [3], "gaussian")[0])
+    # learned rows lead, the seeded stream fills the rest (its first rows)
+    both = integer_bases(9, [t], [3], "gaussian", rows)[0]
+    assert both.shape == (3, 4) and np.array_equal(both[:2], rows[0])
+    assert np.array_equal(both[2], integer_bases(9, [t], [1], "gaussian")[0][0])
+
+
+def test_learned_rows_payload_length_and_exact_reconstruction():
+    from fedcodec.codecs.factor import learned_rows
+
+    spec = tiny_spec()  # conv 3 x 9, fc 5 x 3 (rank 2 < 3 columns)
+    initial, reference = _history(spec)
+    uplink = build_uplink("factor", rank=2, levels=8, learned=1)
+    uplink.bind_initial(initial)
+    c = dataclasses.replace(ctx(spec), reference=reference)
+    param = uplink.algorithm.parametrization(c, reference)
+    latent = param.init()
+    g = torch.Generator().manual_seed(3)
+    for v in latent.values():
+        q = torch.randint(0, 9, v.shape, generator=g).float()
+        q.view(-1)[0] = 8
+        v.data.copy_((q - 4) / 4)
+    update = random_update(spec) | param.finish(latent)
+    payload = uplink.codec.encode(update, c)
+    # the 88 bytes of the seeded payload (test above) + kept counts (u16 per kernel) + 8-byte digest
+    assert len(payload) == 88 + 2 * 2 + 8 == 100
+    decoded = uplink.codec.decode(payload, c)
+    kernels = [t for t in spec.tensors if t.role == "weight"]
+    lead, _ = learned_rows(reference, initial, kernels, [2, 2], 1)
+    assert [len(a) for a in lead] == [1, 1]
+    for t, a in zip(kernels, integer_bases(c.seed, kernels, [2, 2], "gaussian", lead)):
+        exact = ((latent[t.name].detach().double().numpy() @ a) / math.sqrt(2) / 4096).astype(np.float32)
+        assert np.array_equal(decoded[t.name].numpy(), exact.reshape(t.shape)), t.name
+        torch.testing.assert_close(decoded[t.name], update[t.name], rtol=1e-5, atol=1e-7)
+
+
+def test_learned_rows_mismatches_are_refused():
+    spec = tiny_spec()
+    initial, reference = _history(spec)
+    uplink = build_uplink("factor", rank=2, learned=1)
+    c = dataclasses.replace(ctx(spec), reference=reference)
+    with pytest.raises(ConfigError, match="initial model"):  # never bound: a stock Flower app
+        uplink.codec.encode(random_update(spec), c)
+    uplink.bind_initial(initial)
+    payload = uplink.codec.encode(random_update(spec), c)
+    other = {n: v.clone() for n, v in reference.items()}
+    other["conv.weight"].view(-1)[0] += 0.5  # the server holds another model: other rows
+    with pytest.raises(PayloadError) as err:
+        uplink.codec.decode(payload, dataclasses.replace(c, reference=other))
+    assert err.value.reason == "basis"
+    with pytest.raises(PayloadError) as err:
+        uplink.codec.decode(payload, dataclasses.replace(c, reference=None))
+    assert err.value.reason == "reference"
+    plain = build_uplink("factor", rank=2)  # a server without learned rows, and the reverse
+    for enc, dec in ((uplink, plain), (plain, uplink)):
+        with pytest.raises(PayloadError) as err:
+            dec.codec.decode(enc.codec.encode(random_update(spec), c), c)
+        assert err.value.reason == "binding"
+    for bad in ({"learned": -1}, {"learned": 2**16}, {"learned": 4, "basis": "rademacher"}):
+        with pytest.raises(ConfigError):
+            build_codec("factor", **bad)
+
+
+def test_learned_rows_digest_is_the_same_in_another_process():
+    from fedcodec.codecs.factor import learned_rows
+
+    spec = cnn4_spec()
+    initial, reference = _history(spec, scale=0.01, seed=8)
+    kernels = [t for t in spec.tensors if t.role == "weight"]
+    rows, digest = learned_rows(reference, initial, kernels, [32] * len(kernels), 16)
+    assert [len(a) for a in rows] == [0, 16, 16, 16, 10]  # first conv: rank 32 >= its 9 columns (identity)
+    code = f"""
+import sys, torch
+sys.path.insert(0, {str(__import__("pathlib").Path(__file__).parent)!r})
+torch.set_num_threads(1)
+from test_factor import _history, cnn4_spec
+from fedcodec.codecs.factor import learned_rows
+spec = cnn4_spec()
+initial, reference = _history(spec, scale=0.01, seed=8)
+kernels = [t for t in spec.tensors if t.role == "weight"]
+print(learned_rows(reference, initial, kernels, [32] * len(kernels), 16)[1].hex())
+"""
+    there = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert there == [digest.hex()]
+
+
+def test_engine_rounds_with_learned_rows():
+    """Through the engine: from round 2 on the bases lead with learned rows, every payload decodes
+    (client and server derive the same rows) and the run is bit-identical when repeated."""
+    from fedcodec.config import Config
+    from fedcodec.data import make_synthetic_images
+    from fedcodec.fl.simulation import run_round, setup
+
+    def run():
+        cfg = Config(method="factor-8-ec", codec_options={"learned": 4}, num_clients=4, clients_per_round=3,
+                     rounds=3, local_epochs=1, batch_size=16, seed=1, init_std=0.05).validate()
+        sim, state = setup(cfg, make_synthetic_images(120, 40, seed=0))
+        for _ in range(cfg.rounds):
+            state = run_round(sim, state)
+        return sim, state
+
+    sim, state = run()
+    assert [r["accepted"] for r in state.records] == [3, 3, 3]
+    kernels = [t for t in sim.spec.tensors if t.role == "weight"]
+    ranks = sim.runtime.uplink.codec.options.ranks(kernels, 3)
+    lead, _ = sim.runtime.uplink.codec.learned(state.global_params, kernels, ranks)
+    assert sum(len(a) for a in lead) > 0
+    again = run()[1]
+    assert all(torch.equal(state.global_params[n], again.global_params[n]) for n in state.global_params)

@@ -554,3 +554,33 @@ def test_fedpm_bad_training_options_are_config_errors():
     for bad in ({"optimizer": "rmsprop"}, {"score_lr": 0}, {"score_lr": float("nan")}, {"eval_mask": "mean"}):
         with pytest.raises(ConfigError):
             build_codec("fedpm", **bad)
+
+
+def test_fedpm_coded_mask_length_is_its_conditional_entropy():
+    """The range-coded mask costs its empirical entropy given the contexts (the buckets of the
+    reference theta both ends hold), plus the count tables and a few bytes of flush: the paper's
+    "< 1 bit per parameter" measured as len() of the payload."""
+    from fedcodec.codecs.fedpm import CONTEXTS, theta_contexts
+
+    n = 40000
+    spec = ModelSpec((TensorSpec("w", (n // 8, 8), "weight"),))
+    coded, fixed = build_codec("fedpm", entropy=True), build_codec("fedpm")
+    w0 = coded.frozen(spec)["w"]
+    g = torch.Generator().manual_seed(2)
+    theta = torch.tensor([0.01, 0.1, 0.3, 0.5, 0.7, 0.9, 0.99])[torch.randint(0, 7, (n,), generator=g)]
+    ref = {"w": w0 * theta.reshape(n // 8, 8)}
+    update = {"w": w0 * (theta + 0.05 * torch.randn(n, generator=g)).clamp(0, 1).reshape(n // 8, 8) - ref["w"]}
+    c = ctx(spec, rng_seed=4, reference=ref)
+    payload = coded.encode(update, c)
+    bits = ((coded.decode(payload, ctx(spec, reference=ref))["w"] + ref["w"]) / w0).reshape(-1).round().numpy()
+    buckets = theta_contexts(ref["w"].reshape(-1).numpy(), w0.reshape(-1).numpy())
+    entropy = 0.0
+    for k in range(CONTEXTS):
+        sel = bits[buckets == k]
+        if sel.size:
+            p = sel.mean()
+            entropy += sel.size * (0.0 if p in (0.0, 1.0) else -(p * math.log2(p) + (1 - p) * math.log2(1 - p)))
+    overhead = len(fixed.encode(update, c)) - math.ceil(n / 8)  # envelope and fields, no mask bits
+    mask_bytes = len(payload) - overhead
+    assert entropy / 8 < mask_bytes <= entropy / 8 * 1.01 + 8 * CONTEXTS + 4 + 16, (mask_bytes, entropy / 8)
+    assert mask_bytes < 0.75 * n / 8  # well under a bit per weight

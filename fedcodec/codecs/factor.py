@@ -39,9 +39,33 @@ with ``(2q - s) @ a`` a float64 matrix product whose every partial sum is an int
 same bits on every machine, BLAS and thread count. (The identity case is ``float32((2q - s) * c)``.)
 Training runs in float32 with ``A`` rounded to float32 (:func:`training_basis`).
 
+**Learned rows: a decoder learned from the run, shared, and free on the wire** (``learned = k > 0``,
+the "AE v2" of issue 17; Gaussian basis only). The first ``k_l <= min(k, r_l)`` rows of each ``A_l``
+are not random: they are the top right singular vectors of ``H_l = W_l - W0_l``, the kernel's whole
+change since the run's initial model ``W0`` (:meth:`bind_initial`; both ends build it from the
+run's seed) to the model the client trained from (:attr:`CodecContext.reference`, which the server
+holds too). ``H`` is the sum of every aggregated update so far, i.e. the decoded updates of all past
+rounds: its leading row space holds a large share of the next updates (RESULTS §6) while a random
+``r``-row basis holds about ``r / cols`` of them. Both ends compute it, so the decoder costs no byte
+in either direction; the remaining ``r_l - k_l`` rows stay seeded (fresh directions every
+client-round). Per kernel (float64, :func:`learned_rows`): ``U S V^T = svd(H)``; rows ``i < k`` with
+``S_i > 1e-6 · S_0`` are kept (none while ``H = 0``, so round 1 is all seeded); each kept ``v`` gets
+the sign that makes its largest-magnitude entry positive and becomes ``a = rint(2^12 · clip(g · sqrt(r)
+· v, ±LEARNED_CLIP))`` (``g = learned_gain``, default 1; ``|a| < 2^16``), then ``A`` is ``σ · a · 2^-12``
+as for the seeded rows, i.e. the learned rows of ``A`` are ``g · v``. With ``g = 1`` an SGD step on
+``B`` moves ``W`` along the learned directions exactly as plain SGD would (``AᵀA = Σ v vᵀ`` there);
+rows of length ``sqrt(cols / r)`` like the Gaussian ones would multiply the step along the directions
+that carry most of the gradient by ``cols / r`` (36 on CNN4's last conv), which a probe showed to
+slow training (RESULTS §6). An SVD is not bit-reproducible across BLAS builds and
+thread counts, so the payload carries the kept counts and an 8-byte BLAKE2b digest of the learned
+integers; a server that derives other rows refuses the payload (``PayloadError`` reason ``basis``)
+rather than decode it against another basis. In one process (``fedcodec run``) both ends compute the
+same bits; on Flower the nodes must run the same NumPy/BLAS build to agree.
+
 **Wire.** The uplink body (fixed-width mode: every section bit-packed) is::
 
-    seed u64 | generator << 4 | basis u8 | levels u8 | dense_levels u8 | rank u16 per kernel
+    seed u64 | generator << 4 | learned << 3 | basis u8 | levels u8 | dense_levels u8
+    | rank u16 per kernel | [learned: kept rows u16 per kernel | digest 8 bytes]
     | scale M f32 per kernel | grid indices of B (1 symbol section, alphabet levels + 1,
       Σ out_l · r_l symbols; kernel after kernel, each B row-major) | dense part
 
@@ -83,7 +107,15 @@ from .signsgd import read_scales
 from .symbols import fixed_size
 from .wire import BodyReader, BodyWriter
 
+import hashlib
+
 BASES = ("gaussian", "rademacher")
+#: bit of the basis byte that says the payload's bases start with learned rows
+LEARNED_FLAG = 8
+#: a learned row's unit-variance entries are clipped to this before rounding, so |a| < 2^16
+LEARNED_CLIP = 15.99
+#: a learned row is kept only if its singular value exceeds this fraction of the kernel's largest
+LEARNED_TOL = 1e-6
 #: fractional bits of the integer Gaussian basis ``a = rint(2^F z)``
 GAUSS_BITS = 12
 MAX_RANK = 0xFFFF
@@ -110,6 +142,11 @@ class FactorOptions(Options):
     basis: str = "gaussian"
     schedule: str = ""
     layers: str = ""
+    #: leading rows of every A learned from the model's history (module docstring); 0: all seeded
+    learned: int = 0
+    #: a learned row's length relative to the one that makes a step of B move W along it exactly as
+    #: plain SGD would (module docstring)
+    learned_gain: float = 1.0
 
     def check(self) -> None:
         if not 1 <= self.rank <= MAX_RANK:
@@ -121,6 +158,12 @@ class FactorOptions(Options):
                               f"got {self.dense_levels!r}")
         if self.basis not in BASES:
             raise ConfigError(f"unknown basis {self.basis!r}; choose one of {BASES}")
+        if not 0 <= self.learned <= MAX_RANK:
+            raise ConfigError(f"learned must be an integer in 0..{MAX_RANK}, got {self.learned!r}")
+        if not (math.isfinite(self.learned_gain) and 0 < self.learned_gain <= 16):
+            raise ConfigError(f"learned_gain must be a number in (0, 16], got {self.learned_gain!r}")
+        if self.learned and self.basis != "gaussian":
+            raise ConfigError("learned rows sit beside Gaussian rows (same integer grid); use basis=gaussian")
         rounds = [k for k, _ in _pairs(self.schedule, "schedule")]
         if not all(r.isdigit() and int(r) >= 1 for r in rounds) or [int(r) for r in rounds] != sorted(
                 {int(r) for r in rounds}):
@@ -153,19 +196,107 @@ def shape2d(t: TensorSpec) -> tuple[int, int]:
     return out, t.numel // out if out else 0
 
 
-def integer_bases(seed: int, kernels: list[TensorSpec], ranks: list[int], basis: str) -> list[np.ndarray | None]:
-    """The integer matrices ``a`` (float64, ``r × cols``) of every kernel; None where ``A`` is the
-    identity (``r = cols``). See the module docstring."""
-    sizes = [r * shape2d(t)[1] if r < shape2d(t)[1] else 0 for t, r in zip(kernels, ranks)]
+def top_right_singular(h: np.ndarray, k: int) -> np.ndarray:
+    """The top ``<= k`` right singular vectors of ``h`` (rows, float64), those whose singular value
+    exceeds ``LEARNED_TOL`` times the largest, from the eigendecomposition of the smaller Gram
+    matrix (an ``out × out`` one for a conv kernel: ~50x faster than the SVD of ``h``)."""
+    if h.shape[0] <= h.shape[1]:
+        w, u = np.linalg.eigh(h @ h.T)
+        w, u = w[::-1][:k], u[:, ::-1][:, :k]
+        sv = np.sqrt(np.maximum(w, 0.0))
+        keep = int(np.count_nonzero(sv > LEARNED_TOL * sv[0])) if sv[0] > 0 else 0
+        return (u[:, :keep].T @ h) / sv[:keep, None]
+    w, v = np.linalg.eigh(h.T @ h)
+    w, v = w[::-1][:k], v[:, ::-1][:, :k]
+    sv = np.sqrt(np.maximum(w, 0.0))
+    keep = int(np.count_nonzero(sv > LEARNED_TOL * sv[0])) if sv[0] > 0 else 0
+    return v[:, :keep].T.copy()
+
+
+def learned_rows(reference: Mapping[str, torch.Tensor], initial: Mapping[str, torch.Tensor],
+                 kernels: list[TensorSpec], ranks: list[int], learned: int,
+                 gain: float = 1.0) -> tuple[list[np.ndarray], bytes]:
+    """The learned leading rows of every kernel's integer basis (float64, ``k_l × cols``, maybe no
+    rows; none where ``A`` is the identity) from the history ``reference - initial``, and the 8-byte
+    digest of the kept counts and integers that binds a payload to them (module docstring)."""
+    rows, digest = [], hashlib.blake2b(digest_size=8)
+    for t, r in zip(kernels, ranks):
+        out, cols = shape2d(t)
+        k = min(learned, r, out) if r < cols else 0
+        a = np.zeros((0, cols))
+        if k:
+            h = (reference[t.name].detach().cpu().to(torch.float64)
+                 - initial[t.name].detach().cpu().to(torch.float64)).reshape(out, cols).numpy()
+            if np.any(h):
+                v = top_right_singular(h, k)
+                v = v * np.where(v[np.arange(len(v)), np.abs(v).argmax(1)] < 0, -1.0, 1.0)[:, None]
+                a = np.rint(np.clip(v * (gain * math.sqrt(r)), -LEARNED_CLIP, LEARNED_CLIP) * 2 ** GAUSS_BITS)
+        rows.append(a)
+        digest.update(np.uint16(len(a)).tobytes() + a.astype("<i4").tobytes())
+    return rows, digest.digest()
+
+
+def integer_bases(seed: int, kernels: list[TensorSpec], ranks: list[int], basis: str,
+                  learned: list[np.ndarray] | None = None) -> list[np.ndarray | None]:
+    """The integer matrices ``a`` (float64, ``r × cols``) of every kernel: its ``learned`` rows
+    (:func:`learned_rows`; none by default), then seeded ones; None where ``A`` is the identity
+    (``r = cols``). See the module docstring."""
+    lead = learned if learned is not None else [np.zeros((0, shape2d(t)[1])) for t in kernels]
+    sizes = [(r - len(a)) * shape2d(t)[1] if r < shape2d(t)[1] else 0 for t, r, a in zip(kernels, ranks, lead)]
     stream = make_noise(seed, sum(sizes), basis, 1.0)
     if basis == "gaussian":
         stream *= np.float32(2 ** GAUSS_BITS)  # exact (a power of two)
         np.rint(stream, out=stream)
     out, pos = [], 0
-    for t, r, size in zip(kernels, ranks, sizes):
-        out.append(stream[pos:pos + size].astype(np.float64).reshape(r, -1) if size else None)
+    for t, r, size, a in zip(kernels, ranks, sizes, lead):
+        if r >= shape2d(t)[1]:
+            out.append(None)
+            continue
+        seeded = stream[pos:pos + size].astype(np.float64).reshape(-1, shape2d(t)[1])
+        out.append(np.concatenate([a, seeded]) if len(a) else seeded)
         pos += size
     return out
+
+
+class History:
+    """The run's initial model, for learned rows (``learned > 0``), and the last rows derived from it
+    (one model's rows serve a whole round of clients on the server)."""
+
+    options: FactorOptions
+    initial: dict[str, torch.Tensor] | None = None
+
+    def bind_initial(self, params: Mapping[str, torch.Tensor]) -> None:
+        """Keep the run's initial model ``W0`` (both ends build it from the run's seed)."""
+        self.initial = {n: v.detach().to("cpu", torch.float32, copy=True) for n, v in params.items()}
+        self._initial_key = hashlib.blake2b(b"".join(v.numpy().tobytes() for v in self.initial.values()),
+                                            digest_size=16).digest()
+
+    def learned(self, reference: Mapping[str, torch.Tensor] | None, kernels: list[TensorSpec],
+                ranks: list[int], client: int | None = None) -> tuple[list[np.ndarray] | None, bytes]:
+        """:func:`learned_rows` of ``reference`` (None, b"" when ``learned = 0``)."""
+        if not self.options.learned:
+            return None, b""
+        if self.initial is None:
+            raise ConfigError("factor with learned > 0 derives rows from the run's history and needs its initial "
+                              "model (Uplink.bind_initial); fedcodec run and fedcodec flower bind it, a stock "
+                              "Flower app cannot: use learned=0 there")
+        if reference is None:
+            raise PayloadError("reference", "learned rows come from the model the client trained from, but no "
+                                            "CodecContext.reference was given", client)
+        key = hashlib.blake2b(b"".join(reference[t.name].detach().cpu().to(torch.float32).numpy().tobytes()
+                                       for t in kernels) + np.asarray(ranks + [self.options.learned], "<u4").tobytes()
+                              + np.float64(self.options.learned_gain).tobytes() + self._initial_key,
+                              digest_size=16).digest()
+        if key not in _ROWS:  # the codec and the algorithm of a client, the server's round: one derivation
+            if len(_ROWS) >= 4:
+                _ROWS.pop(next(iter(_ROWS)))
+            _ROWS[key] = learned_rows(reference, self.initial, kernels, ranks, self.options.learned,
+                                      self.options.learned_gain)
+        return _ROWS[key]
+
+
+#: the last few derivations of learned rows, by (reference, ranks, learned, initial model) digest
+_ROWS: dict[bytes, tuple[list[np.ndarray], bytes]] = {}
 
 
 def basis_factor(rank: int, basis: str) -> float:
@@ -215,8 +346,9 @@ class FactorTraining(Parametrization):
         return out
 
 
-class Factor(Algorithm):
-    """Local training of the factors ``B`` inside the client-round's bases (the codec's seed)."""
+class Factor(History, Algorithm):
+    """Local training of the factors ``B`` inside the client-round's bases (the codec's seed, and
+    the learned rows of the model the client trained from)."""
 
     options: FactorOptions
 
@@ -224,13 +356,15 @@ class Factor(Algorithm):
         o = self.options
         kernels = split_specs(ctx.spec)[0]
         ranks = o.ranks(kernels, ctx.round)
+        lead, _ = self.learned(global_params, kernels, ranks, ctx.client)
         bases = {t.name: training_basis(a, r, o.basis)
-                 for t, r, a in zip(kernels, ranks, integer_bases(ctx.seed, kernels, ranks, o.basis)) if a is not None}
+                 for t, r, a in zip(kernels, ranks, integer_bases(ctx.seed, kernels, ranks, o.basis, lead))
+                 if a is not None}
         return FactorTraining(kernels, ranks, bases)
 
 
 @register("factor", "update B·A per kernel: A regenerated from the seed, B trained and quantized", algorithm=Factor)
-class FactorCodec(KernelCodec):
+class FactorCodec(History, KernelCodec):
     codec_id = "factor"
     options_type = FactorOptions
     symbolic = True
@@ -275,13 +409,18 @@ class FactorCodec(KernelCodec):
         o = self.options
         kernels = split_specs(ctx.spec)[0]
         ranks = o.ranks(kernels, ctx.round)
-        bases = integer_bases(ctx.seed, kernels, ranks, o.basis)
+        lead, digest = self.learned(ctx.reference, kernels, ranks, ctx.client)
+        bases = integer_bases(ctx.seed, kernels, ranks, o.basis, lead)
         factors = self.factors(flat, update, kernels, ranks, bases)
         flat_b = np.concatenate([b.reshape(-1) for b in factors]) if factors else np.zeros(0, np.float32)
         u = torch.rand(flat_b.size, generator=ctx.rng, dtype=torch.float32).numpy()
         maxima, q = quantize_segments(flat_b, [b.size for b in factors], o.levels, u)
-        w.u64(ctx.seed).u8(GENERATOR << 4 | BASES.index(o.basis)).u8(o.levels).u8(o.dense_levels)
-        w.raw(np.asarray(ranks, "<u2")).raw(maxima.astype("<f4", copy=False))
+        flag = LEARNED_FLAG if o.learned else 0
+        w.u64(ctx.seed).u8(GENERATOR << 4 | flag | BASES.index(o.basis)).u8(o.levels).u8(o.dense_levels)
+        w.raw(np.asarray(ranks, "<u2"))
+        if o.learned:
+            w.raw(np.asarray([len(a) for a in lead], "<u2")).raw(np.frombuffer(digest, np.uint8))
+        w.raw(maxima.astype("<f4", copy=False))
         w.symbols(q, o.levels + 1)
 
     def decode_kernels(self, reader: BodyReader, kernels: list[TensorSpec], ctx: CodecContext) -> np.ndarray:
@@ -290,7 +429,7 @@ class FactorCodec(KernelCodec):
         kind = reader.u8("basis")
         levels, dense_levels = reader.u8("levels"), reader.u8("dense levels")
         sent = [int(r) for r in reader.array("<u2", len(kernels), "ranks")]
-        generator, basis_i = kind >> 4, kind & 15
+        generator, flag, basis_i = kind >> 4, kind & LEARNED_FLAG, kind & (LEARNED_FLAG - 1)
         if generator != GENERATOR:
             raise PayloadError("version", f"the bases were made with noise generator {generator}; this fedcodec "
                                           f"makes and reads generator {GENERATOR} only")
@@ -304,12 +443,25 @@ class FactorCodec(KernelCodec):
         if seed != ctx.seed:
             raise PayloadError("binding", f"seed {seed:#x} is not this client-round's seed: the payload was made "
                                           "for another round or client (a replay)")
+        if bool(flag) != bool(o.learned):
+            raise PayloadError("binding", f"the payload's bases {'start' if flag else 'do not start'} with learned "
+                                          f"rows; this run uses learned={o.learned}")
+        lead = None
+        if o.learned:
+            kept = [int(k) for k in reader.array("<u2", len(kernels), "learned row counts")]
+            digest = bytes(reader.take(8, "learned rows digest"))
+            lead, mine = self.learned(ctx.reference, kernels, ranks, ctx.client)
+            if kept != [len(a) for a in lead] or digest != mine:
+                raise PayloadError("basis", f"the client's learned rows (counts {kept}, digest {digest.hex()}) are not "
+                                            f"the server's (counts {[len(a) for a in lead]}, digest {mine.hex()}): "
+                                            "both ends must derive them from the same model with the same "
+                                            "NumPy/BLAS build", ctx.client)
         maxima = read_scales(reader, len(kernels), "factor scales")
         sizes = [shape2d(t)[0] * r for t, r in zip(kernels, ranks)]
         if not self.entropy:
             self.check_size(reader, ctx, fixed_size(sum(sizes), levels + 1), " after the scales")
         q = reader.symbols(sum(sizes), levels + 1, "factor indices")
-        bases = integer_bases(seed, kernels, ranks, o.basis)
+        bases = integer_bases(seed, kernels, ranks, o.basis, lead)
         values = np.empty(sum(t.numel for t in kernels), np.float32)
         pos = at = 0
         for t, r, a, size, m in zip(kernels, ranks, bases, sizes, maxima):

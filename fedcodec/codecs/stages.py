@@ -100,6 +100,15 @@ class Uplink:
         """Whether clients keep state for it between rounds (the engine must supply a store)."""
         return self.error_feedback or self.setup is not None
 
+    def bind_initial(self, params: Mapping[str, torch.Tensor]) -> None:
+        """Give the codec and its algorithm the run's initial model, which both ends build from the
+        run's seed, if they define symbols against the model's history (``factor`` with learned
+        rows: ``bind_initial``). The engine calls it once per process, at setup."""
+        for part in (self.codec, self.algorithm):
+            bind = getattr(part, "bind_initial", None)
+            if bind is not None:
+                bind(params)
+
     def encode(self, update: Mapping[str, torch.Tensor], ctx: CodecContext) -> bytes:
         """The client's payload, through the error-feedback memory when it is on."""
         if self.error_feedback:

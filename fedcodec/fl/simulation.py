@@ -128,6 +128,7 @@ def setup(cfg: Config, source: FederatedSource) -> tuple[Simulation, RunState]:
     uplink = build_uplink(cfg.method_spec().codec, **cfg.uplink_options)
     tensors = dict(model.named_parameters()) | dict(model.named_buffers())
     initial = uplink.algorithm.init_global({t.name: tensors[t.name].detach().clone() for t in spec.tensors}, spec)
+    uplink.bind_initial(initial)
     downlink = Downlink(build_codec(cfg.downlink, **cfg.downlink_options), cfg.downlink_delta, spec, cfg.seed,
                         initial)
     task = Classification(source.test_x.to(device), source.test_y.to(device))

@@ -217,6 +217,7 @@ def build_simulation(src: NeuralSource, mode: str, lmbda: float, s: Settings) ->
     uplink = build_uplink(cfg.method_spec().codec, **cfg.uplink_options)
     tensors = dict(model.named_parameters()) | dict(model.named_buffers())
     initial = uplink.algorithm.init_global({t.name: tensors[t.name].detach().clone() for t in spec.tensors}, spec)
+    uplink.bind_initial(initial)
     downlink = Downlink(build_codec(cfg.downlink, **cfg.downlink_options), cfg.downlink_delta, spec, s.seed, initial)
     task = NTCTask(lmbda, s.prior_lr_scale, test=src.test)
     runtime = ClientRuntime(model, spec, uplink, downlink, s.seed, task=task, local=local)
