@@ -363,8 +363,19 @@ def _ae(latent: int, ef: bool) -> Method:
                   f"per-client autoencoder, 1024-value chunks -> {latent} latents (Chandar et al.)")
 
 
+# AE v2 (issue 17): the factor codec with a learned decoder: half of every A's rows are the leading
+# right singular vectors of the kernel's change since the initial model (the history of decoded
+# updates), which client and server both derive, so it is shared and costs no byte; B trained directly
+def _ae2(rank: int) -> Method:
+    return Method("factor", {"rank": rank, "learned": rank // 2, "levels": 15, "dense_levels": 15, "entropy": True},
+                  0.05, f"AE v2: rank-{rank} factors whose decoder A is half learned from the run's history "
+                        "(shared, free on the wire), B trained; 4-bit, range coded")
+
+
 for _r in (8, 16, 32):
     METHODS[f"factor-{_r}-ec"] = _factor(_r, True)
+for _r in (16, 32):
+    METHODS[f"ae2-{_r}-ec"] = _ae2(_r)
 METHODS["factor-32"] = _factor(32, False)
 for _k in (4, 16, 64):
     METHODS[f"ae-{_k}"] = _ae(_k, False)
@@ -406,6 +417,7 @@ def _families() -> list[tuple[re.Pattern, Any, Any]]:
         (re.compile(r"topk-(.*)"), _fraction, lambda f: _topk(f, False)),
         (re.compile(r"factor-(.*)-ec"), ranks, lambda r: _factor(r, True)),
         (re.compile(r"factor-(.*)"), ranks, lambda r: _factor(r, False)),
+        (re.compile(r"ae2-(.*)-ec"), _count("rank", 2, MAX_RANK), _ae2),
         (re.compile(r"ae-(.*)-ef"), latents, lambda k: _ae(k, True)),
         (re.compile(r"ae-(.*)"), latents, lambda k: _ae(k, False)),
     ]
@@ -413,7 +425,8 @@ def _families() -> list[tuple[re.Pattern, Any, Any]]:
 
 #: the parametric method names of :func:`resolve_method`, for help texts and errors
 METHOD_PATTERNS = ("qsgd-<levels> (1..255); topk-<fraction>, topk-ef-<fraction> (0 < fraction < 1, e.g. 0.003); "
-                   "factor-<rank>, factor-<rank>-ec (1..65535); ae-<latent>, ae-<latent>-ef (1..1023)")
+                   "factor-<rank>, factor-<rank>-ec (1..65535); ae2-<rank>-ec (2..65535); ae-<latent>, ae-<latent>-ef "
+                   "(1..1023)")
 
 
 def resolve_method(name: str) -> Method:

@@ -493,7 +493,7 @@ print(learned_rows(reference, initial, kernels, [32] * len(kernels), 16)[1].hex(
 
 
 def test_engine_rounds_with_learned_rows():
-    """Through the engine: from round 2 on the bases lead with learned rows, every payload decodes
+    """Through the engine: in round 2 the bases lead with learned rows, every payload decodes
     (client and server derive the same rows) and the run is bit-identical when repeated."""
     from fedcodec.config import Config
     from fedcodec.data import make_synthetic_images
@@ -501,16 +501,16 @@ def test_engine_rounds_with_learned_rows():
 
     def run():
         cfg = Config(method="factor-8-ec", codec_options={"learned": 4}, num_clients=4, clients_per_round=3,
-                     rounds=3, local_epochs=1, batch_size=16, seed=1, init_std=0.05).validate()
+                     rounds=2, local_epochs=1, batch_size=16, seed=1, init_std=0.05).validate()
         sim, state = setup(cfg, make_synthetic_images(120, 40, seed=0))
         for _ in range(cfg.rounds):
             state = run_round(sim, state)
         return sim, state
 
     sim, state = run()
-    assert [r["accepted"] for r in state.records] == [3, 3, 3]
+    assert [r["accepted"] for r in state.records] == [3, 3]
     kernels = [t for t in sim.spec.tensors if t.role == "weight"]
-    ranks = sim.runtime.uplink.codec.options.ranks(kernels, 3)
+    ranks = sim.runtime.uplink.codec.options.ranks(kernels, 2)
     lead, _ = sim.runtime.uplink.codec.learned(state.global_params, kernels, ranks)
     assert sum(len(a) for a in lead) > 0
     again = run()[1]

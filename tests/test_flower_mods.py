@@ -215,6 +215,7 @@ def test_delta_downlink_through_the_wrapper(tmp_path, monkeypatch):
     ("fedpm", {}, "Beta posterior"),
     ("ae", {}, "learns a decoder"),
     ("signsgd", {"vote": True}, "majority vote"),
+    ("factor", {"learned": 8}, "initial model"),
     ("nope", {}, "unknown codec"),
 ])
 def test_codecs_a_stock_strategy_cannot_aggregate_are_refused(codec, options, why):

@@ -29,6 +29,7 @@ ARGS = ["--dataset", "synthetic", "--rounds", "1", "--clients", "16", "--per-rou
     ("factor-64-ec", "factor", {"rank": 64, "levels": 15, "dense_levels": 15, "entropy": True}, 0.05),
     ("factor-4", "factor", {"rank": 4, "levels": 15, "dense_levels": 15}, 0.05),
     ("ae-32", "ae", {"latent": 32, "bits": 6}, 0.03),
+    ("ae2-8-ec", "factor", {"rank": 8, "learned": 4, "levels": 15, "dense_levels": 15, "entropy": True}, 0.05),
     ("ae-1023-ef", "ae", {"latent": 1023, "bits": 6, "ef": True}, 0.03),
     # registered entries win, and are what the patterns would give
     ("topk-ef", "topk", {"fraction": 0.01, "ef": True}, 0.03),
@@ -66,6 +67,7 @@ def test_a_pattern_method_builds_a_valid_config():
     ("topk-ef-0.010", "without trailing zeros"),
     ("factor-0-ec", "rank must be an integer in 1..65535"),
     ("factor-65536", "rank must be an integer in 1..65535"),
+    ("ae2-1-ec", "rank must be an integer in 2..65535"),
     ("ae-1024", "latent must be an integer in 1..1023"),
     ("ae-16-ec", "latent must be an integer in 1..1023"),
     ("q" * 65, "longer than 64 characters"),

@@ -163,6 +163,9 @@ def uplink_for_flower(codec: str, options: dict[str, Any]) -> Uplink:
         raise ConfigError(f"codec {codec!r} builds the global model by its own rule (FedPM: a Beta posterior over "
                           "mask probabilities), which a stock Flower strategy cannot aggregate; run it with "
                           "`fedcodec flower` instead")
+    if getattr(uplink.codec.options, "learned", 0):
+        raise ConfigError(f"codec {codec!r} with learned rows derives them from the run's initial model, which a "
+                          "stock Flower app does not share with fedcodec; use learned=0 here, or `fedcodec flower`")
     probe = ModelSpec((TensorSpec("w", (2, 2), "weight"),))
     if algorithm.own_aggregate(probe):
         raise ConfigError(f"codec {codec!r} with these options aggregates by its own rule (majority vote), which "
