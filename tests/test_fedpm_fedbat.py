@@ -189,6 +189,15 @@ def test_fedpm_aggregate_is_the_beta_posterior_mean():
     carried = build_uplink("fedpm", prior_strength=4.0)
     new, _ = server_round(carried, spec, glob, 1, payloads)
     assert torch.allclose(new["w"] / w0, (1 + 4 * theta + sum(masks)) / 9, rtol=0, atol=1e-6)
+    # the posterior's mode (the paper's code): the fraction of masks set, kept in [clip, 1 - clip]
+    mode = build_uplink("fedpm", estimate="mode", clip=0.05)
+    new, _ = server_round(mode, spec, glob, 1, payloads)
+    assert torch.allclose(new["w"] / w0, torch.tensor([[0.95, 1 / 3], [2 / 3, 0.95], [1 / 3, 0.05]]),
+                          rtol=0, atol=1e-6)
+    assert torch.allclose(new["b"], glob["b"] + sum(w * d for w, d in zip(weights, dense)) / 100, atol=1e-6)
+    # mode with a prior of strength 3: (3 theta + sum m) / (3 + 3)
+    new, _ = server_round(build_uplink("fedpm", estimate="mode", prior_strength=3.0), spec, glob, 1, payloads)
+    assert torch.allclose(new["w"] / w0, (3 * theta + sum(masks)) / 6, rtol=0, atol=1e-6)
 
 
 def test_fedpm_parametrization_samples_masks_and_passes_gradients_through_sigmoid():
@@ -391,7 +400,7 @@ def test_local_training_decreases_the_loss(name, options, lr, model, drop, maske
         assert all(float(update[n + STEP]) != np.float32(uplink.codec.options.step) for n in masked)  # the step was trained
 
 
-@pytest.mark.parametrize("method", ["fedpm", "fedbat"])
+@pytest.mark.parametrize("method", ["fedpm", "fedpm-sgd", "fedbat"])
 def test_engine_rounds_with_each_method(method):
     from fedcodec.config import Config
     from fedcodec.data import make_synthetic_images
@@ -404,11 +413,14 @@ def test_engine_rounds_with_each_method(method):
         state = run_round(sim, state)
     assert [r["accepted"] for r in state.records] == [3, 3]
     assert all(math.isfinite(r["accuracy"]) for r in state.records if "accuracy" in r)
-    if method == "fedpm":  # every masked weight is w0 * (1 + j) / (2 + K), j masks of K = 3 set
+    if method.startswith("fedpm"):  # j masks of K = 3 set: the posterior's mode clamp(j / K, 0.01, 0.99)
+        # (the fedpm method), or its mean (1 + j) / (2 + K) (fedpm-sgd)
+        levels = [0.01, 1 / 3, 2 / 3, 0.99] if method == "fedpm" else [1 / 5, 2 / 5, 3 / 5, 4 / 5]
+        levels = torch.tensor(levels, dtype=torch.float64)
         for name, w0 in sim.runtime.uplink.algorithm.frozen(sim.spec).items():
             theta = state.global_params[name].double() / w0.double()
-            levels = torch.tensor([1 / 5, 2 / 5, 3 / 5, 4 / 5], dtype=torch.float64)
             assert float((theta.reshape(-1, 1) - levels).abs().min(1).values.max()) < 1e-6, name
+            assert set(range(4)) == set((theta.reshape(-1, 1) - levels).abs().argmin(1).tolist()), name
 
 
 # ---------------------------------------------------------------------------------------------------------

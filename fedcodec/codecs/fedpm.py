@@ -19,7 +19,11 @@ with ``EPS = 1e-3`` (so a score starts finite even where the global ``theta`` is
 ``|logit(EPS)| ~ 6.9`` from 0). Every forward pass samples ``m ~ Bernoulli(sigmoid(s))`` from the
 client's generator and uses the weight ``w0 * m``; the gradient reaches ``s`` straight through the
 sampling, as if the weight were ``w0 * sigmoid(s)``. The update handed to the encoder is the expected
-one, ``w0 * sigmoid(s) - global``.
+one, ``w0 * sigmoid(s) - global``. The scores train either in the client's optimizer at its lr times
+``score_lr_scale`` (``optimizer = "sgd"``, the default: their gradient is the weight gradient times
+``w0 * sigmoid'(s)``, so plain SGD barely moves them without a large scale) or in an Adam of their own
+at ``score_lr`` (``optimizer = "adam"``, as the paper's code does; the BatchNorm values and biases
+beside them keep the client's optimizer, :class:`fedcodec.fl.client.OptimizerPair`).
 
 Encoding: ``theta' = clamp((reference + update) / w0, 0, 1)`` (``reference`` = the model the client
 trained from, :attr:`CodecContext.reference`), one mask ``m ~ Bernoulli(theta')`` is drawn with
@@ -39,8 +43,11 @@ network ``w0 * m`` (up to one float32 rounding). A decode without ``ctx.referenc
 (``PayloadError`` reason ``"reference"``): the mask alone does not determine an update.
 
 Aggregation (:meth:`FedPM.aggregate`): Bayesian, with a uniform ``Beta(1, 1)`` prior reset every
-round: ``theta_new = (1 + sum_k m_k) / (2 + K)`` over the ``K`` accepted clients, unweighted (every
-client's mask counts once, as in the paper), and the step is ``w0 * theta_new - global``. With
+round: ``theta_new = (1 + sum_k m_k) / (2 + K)`` over the ``K`` accepted clients (``estimate =
+"mean"``, the default), unweighted (every client's mask counts once, as in the paper), and the step is
+``w0 * theta_new - global``. ``estimate = "mode"`` takes the posterior's mode instead, as the paper's
+code does: ``theta_new = clamp(sum_k m_k / K, clip, 1 - clip)`` (``clip`` 0.01 by default), so weights
+every client kept or dropped become near-sure rather than being pulled back toward 1/2 each round. With
 ``prior_strength = L > 0`` the prior is instead ``Beta(1 + L theta, 1 + L (1 - theta))`` centred on
 the current global ``theta`` (``L`` pseudo-masks carried over from the previous rounds), so
 ``theta_new = (1 + L theta + sum_k m_k) / (2 + L + K)``: with few clients per round, the reset
@@ -53,7 +60,11 @@ rounding still recovers ``m_k`` exactly. Dense tensors: the example-weighted mea
 
 Evaluation (:meth:`FedPM.eval_params`): the evaluated network is one sample ``w0 * m``,
 ``m ~ Bernoulli(theta)``, drawn with a ``torch.Generator`` seeded with the evaluation seed
-(deterministic); dense tensors as they are.
+(deterministic; ``eval_mask = "sample"``, the paper's), or ``m = theta > 1/2`` (``"threshold"``), or
+the expected weights ``w0 * theta`` (``"expected"``); dense tensors as they are.
+
+The ``fedpm`` method is the paper's recipe (Adam on the scores, the posterior mode, a sampled mask);
+``fedpm-sgd`` is fedcodec's earlier one (SGD on the scores at 10^4 times the lr, the posterior mean).
 """
 
 from __future__ import annotations
