@@ -513,5 +513,9 @@ def test_engine_rounds_with_learned_rows():
     ranks = sim.runtime.uplink.codec.options.ranks(kernels, 2)
     lead, _ = sim.runtime.uplink.codec.learned(state.global_params, kernels, ranks)
     assert sum(len(a) for a in lead) > 0
+    # the decoder never travels: per client-round one broadcast down and one factor payload up, no
+    # setup message either way
+    assert {(e.direction, e.codec) for e in state.ledger.entries} == {("down", "fp32"), ("up", "factor+ec")}
+    assert len(state.ledger.entries) == 2 * 3 * 2
     again = run()[1]
     assert all(torch.equal(state.global_params[n], again.global_params[n]) for n in state.global_params)
