@@ -256,9 +256,9 @@ def test_refresh_every_ships_new_decoders():
 
 
 def test_error_feedback_with_the_ae_and_resume_is_bit_identical(tmp_path):
-    cfg = small(method="ae-4-ef", rounds=3)
+    cfg = small(method="ae-4-ef", rounds=2)
     _, straight = run(cfg)
-    sim, state = run(cfg, rounds=2)
+    sim, state = run(cfg, rounds=1)
     assert any(k.startswith("ef/") for s in state.client_states.values() for k in s)
     checkpoint.save(tmp_path / "ck.safetensors", cfg.to_dict(), state)
     restored = checkpoint.load(tmp_path / "ck.safetensors", cfg.to_dict())
