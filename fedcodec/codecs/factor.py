@@ -48,7 +48,8 @@ holds too). ``H`` is the sum of every aggregated update so far, i.e. the decoded
 rounds: its leading row space holds a large share of the next updates (RESULTS §6) while a random
 ``r``-row basis holds about ``r / cols`` of them. Both ends compute it, so the decoder costs no byte
 in either direction; the remaining ``r_l - k_l`` rows stay seeded (fresh directions every
-client-round). Per kernel (float64, :func:`learned_rows`): ``U S V^T = svd(H)``; rows ``i < k`` with
+client-round). Per kernel (float64, :func:`learned_rows`): ``U S V^T = svd(H)`` (through the
+eigendecomposition of the smaller Gram matrix, :func:`top_right_singular`); rows ``i < k`` with
 ``S_i > 1e-6 · S_0`` are kept (none while ``H = 0``, so round 1 is all seeded); each kept ``v`` gets
 the sign that makes its largest-magnitude entry positive and becomes ``a = rint(2^12 · clip(g · sqrt(r)
 · v, ±LEARNED_CLIP))`` (``g = learned_gain``, default 1; ``|a| < 2^16``), then ``A`` is ``σ · a · 2^-12``
@@ -90,6 +91,7 @@ Every rank is then capped at the kernel's column count.
 
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import dataclass
 from typing import Mapping
@@ -106,8 +108,6 @@ from .registry import register
 from .signsgd import read_scales
 from .symbols import fixed_size
 from .wire import BodyReader, BodyWriter
-
-import hashlib
 
 BASES = ("gaussian", "rademacher")
 #: bit of the basis byte that says the payload's bases start with learned rows
@@ -200,17 +200,13 @@ def top_right_singular(h: np.ndarray, k: int) -> np.ndarray:
     """The top ``<= k`` right singular vectors of ``h`` (rows, float64), those whose singular value
     exceeds ``LEARNED_TOL`` times the largest, from the eigendecomposition of the smaller Gram
     matrix (an ``out × out`` one for a conv kernel: ~50x faster than the SVD of ``h``)."""
-    if h.shape[0] <= h.shape[1]:
-        w, u = np.linalg.eigh(h @ h.T)
-        w, u = w[::-1][:k], u[:, ::-1][:, :k]
-        sv = np.sqrt(np.maximum(w, 0.0))
-        keep = int(np.count_nonzero(sv > LEARNED_TOL * sv[0])) if sv[0] > 0 else 0
-        return (u[:, :keep].T @ h) / sv[:keep, None]
-    w, v = np.linalg.eigh(h.T @ h)
-    w, v = w[::-1][:k], v[:, ::-1][:, :k]
+    wide = h.shape[0] <= h.shape[1]
+    w, vec = np.linalg.eigh(h @ h.T if wide else h.T @ h)  # ascending
+    w, vec = w[::-1][:k], vec[:, ::-1][:, :k]
     sv = np.sqrt(np.maximum(w, 0.0))
     keep = int(np.count_nonzero(sv > LEARNED_TOL * sv[0])) if sv[0] > 0 else 0
-    return v[:, :keep].T.copy()
+    # wide: vec holds left singular vectors u, and v = uᵀh / s; else vec holds the v themselves
+    return (vec[:, :keep].T @ h) / sv[:keep, None] if wide else vec[:, :keep].T.copy()
 
 
 def learned_rows(reference: Mapping[str, torch.Tensor], initial: Mapping[str, torch.Tensor],
