@@ -47,7 +47,8 @@ round: ``theta_new = (1 + sum_k m_k) / (2 + K)`` over the ``K`` accepted clients
 "mean"``, the default), unweighted (every client's mask counts once, as in the paper), and the step is
 ``w0 * theta_new - global``. ``estimate = "mode"`` takes the posterior's mode instead, as the paper's
 code does: ``theta_new = clamp(sum_k m_k / K, clip, 1 - clip)`` (``clip`` 0.01 by default), so weights
-every client kept or dropped become near-sure rather than being pulled back toward 1/2 each round. With
+every client kept or dropped become near-sure rather than being pulled back toward 1/2 each round
+(with ``prior_strength = L``: ``clamp((L theta + sum_k m_k) / (L + K), clip, 1 - clip)``). With
 ``prior_strength = L > 0`` the prior is instead ``Beta(1 + L theta, 1 + L (1 - theta))`` centred on
 the current global ``theta`` (``L`` pseudo-masks carried over from the previous rounds), so
 ``theta_new = (1 + L theta + sum_k m_k) / (2 + L + K)``: with few clients per round, the reset
