@@ -373,9 +373,10 @@ def _ae(latent: int, ef: bool) -> Method:
 # right singular vectors of the kernel's change since the initial model (the history of decoded
 # updates), which client and server both derive, so it is shared and costs no byte; B trained directly
 def _ae2(rank: int) -> Method:
-    return Method("factor", {"rank": rank, "learned": rank // 2, "levels": 15, "dense_levels": 15, "entropy": True},
-                  0.05, f"AE v2: rank-{rank} factors whose decoder A is half learned from the run's history "
-                        "(shared, free on the wire), B trained; 4-bit, range coded")
+    seeded = _factor(rank, True)
+    return Method("factor", {**seeded.options, "learned": rank // 2}, seeded.lr,
+                  f"AE v2: rank-{rank} factors whose decoder A is half learned from the run's history "
+                  "(shared, free on the wire), B trained; 4-bit, range coded")
 
 
 for _r in (8, 16, 32):
