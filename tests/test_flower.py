@@ -345,9 +345,6 @@ def test_resume_after_serverapp_restart_matches_uninterrupted_run(tmp_path, monk
     assert [r["round"] for r in events["rounds"]] == [1, 2, 3]
     assert comparable(metrics["rounds"]) == comparable(state.records)
     assert ledger == entries(state)
-    down = [n for r, c, d, codec, n in ledger if d == "down"]
-    assert {codec for r, c, d, codec, n in ledger if d == "down"} == {"qsgd"} and len(down) == 9
-    assert all(n < fp32_reference_bytes(simulation.setup(cfg, load_dataset("synthetic"))[0].spec) / 3 for n in down)
     assert_same_model(model, state.global_params)
 
 
