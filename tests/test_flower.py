@@ -174,34 +174,6 @@ def test_app_project_and_run_config():
     assert {item.split("=")[0] for item in sent} <= set(defaults)
 
 
-def test_loopback_deployment_matches_simulator(tmp_path, monkeypatch):
-    cfg = make_config()
-    result, out, _ = flower_run(tmp_path, cfg)
-    metrics, events, model, ledger = load_outputs(out)
-    sim, state, sent = reference(cfg, monkeypatch)
-
-    # (a) the run completed every round with every client
-    assert result.status == "finished:completed"
-    assert [r["round"] for r in metrics["rounds"]] == [1, 2]
-    assert all(r["accepted"] == 3 and r["rejected"] == 0 and r["dropped"] == 0 for r in metrics["rounds"])
-    assert events["nodes"].keys() == {"0", "1", "2"}
-
-    # (b) bytes the ServerApp received per client = the codec's payload length
-    spec = sim.spec
-    expected = (wire.envelope_overhead("fedmrn") + 14 + math.ceil(spec.numel(("weight",)) / 8)
-                + 4 * spec.numel(("param", "buffer")))
-    up = {(r, c): n for r, c, d, _, n in ledger if d == "up"}
-    assert up == sent == {(r, c): expected for r in (1, 2) for c in (0, 1, 2)}
-    assert fp32_reference_bytes(spec) / expected > 25  # no float model behind the curtain
-    down = {(r, c): n for r, c, d, _, n in ledger if d == "down"}
-    assert down == {(r, c): fp32_reference_bytes(spec) for r in (1, 2) for c in (0, 1, 2)}
-    assert [r["uplink_bytes"] for r in metrics["rounds"]] == [3 * expected] * 2
-
-    # (c) the final global model is the simulator's, bit for bit; so are accuracy and losses
-    assert_same_model(model, state.global_params)
-    assert comparable(metrics["rounds"]) == comparable(state.records)
-
-
 def test_malformed_payload_is_rejected_and_others_aggregated(tmp_path, monkeypatch):
     cfg = make_config(rounds=1)
     result, out, _ = flower_run(tmp_path, cfg, corrupt_partition=1)
@@ -246,12 +218,14 @@ def test_supernode_killed_mid_run_round_completes_without_it(tmp_path, monkeypat
     assert_same_model(model, state.global_params)
 
 
-def test_tls_and_supernode_authentication(tmp_path, monkeypatch):
-    """TLS on every connection (a CA made by the test) and SuperNode authentication: the three
-    registered nodes train, a node with an unregistered key is refused by the SuperLink."""
+def test_tls_deployment_with_supernode_authentication_matches_simulator(tmp_path, monkeypatch):
+    """A deployment over TLS (a CA made by the test) with SuperNode authentication: the three
+    registered nodes train, a node with an unregistered key is refused by the SuperLink, the bytes
+    the ServerApp receives are the codec's payloads, and the model is the simulator's bit for bit.
+    (Every other deployment test runs on plain HTTP, so both connection kinds are covered.)"""
     from fedcodec.flower.launch import make_certificates
 
-    cfg = make_config(rounds=1)
+    cfg = make_config()
     stranger = make_certificates(tmp_path / "stranger", 1)["node0"]
     intruder = []
 
@@ -259,14 +233,35 @@ def test_tls_and_supernode_authentication(tmp_path, monkeypatch):
         intruder.append(fed.start_node(0, private_key=stranger, log_name="intruder.log"))
 
     result, out, fed = flower_run(tmp_path, cfg, during=start_intruder, insecure=False)
-    metrics, events, model, _ = load_outputs(out)
+    metrics, events, model, ledger = load_outputs(out)
+    sim, state, sent = reference(cfg, monkeypatch)
+
+    # (a) TLS, only the registered nodes, the intruder refused
     assert "https://127.0.0.1" in (fed.logs / "superlink.log").read_text()
-    assert events["nodes"] == {str(p): n for p, n in fed.node_ids.items()}  # only the registered nodes
+    assert events["nodes"] == {str(p): n for p, n in fed.node_ids.items()}
+    assert events["nodes"].keys() == {"0", "1", "2"}
     assert intruder[0].returncode not in (None, 0)
     assert "Failed to activate SuperNode" in (fed.logs / "intruder.log").read_text()
-    assert metrics["rounds"][0]["accepted"] == 3
-    _, state, _ = reference(cfg, monkeypatch)
+
+    # (b) the run completed every round with every client
+    assert result.status == "finished:completed"
+    assert [r["round"] for r in metrics["rounds"]] == [1, 2]
+    assert all(r["accepted"] == 3 and r["rejected"] == 0 and r["dropped"] == 0 for r in metrics["rounds"])
+
+    # (c) bytes the ServerApp received per client = the codec's payload length
+    spec = sim.spec
+    expected = (wire.envelope_overhead("fedmrn") + 14 + math.ceil(spec.numel(("weight",)) / 8)
+                + 4 * spec.numel(("param", "buffer")))
+    up = {(r, c): n for r, c, d, _, n in ledger if d == "up"}
+    assert up == sent == {(r, c): expected for r in (1, 2) for c in (0, 1, 2)}
+    assert fp32_reference_bytes(spec) / expected > 25  # no float model behind the curtain
+    down = {(r, c): n for r, c, d, _, n in ledger if d == "down"}
+    assert down == {(r, c): fp32_reference_bytes(spec) for r in (1, 2) for c in (0, 1, 2)}
+    assert [r["uplink_bytes"] for r in metrics["rounds"]] == [3 * expected] * 2
+
+    # (d) the final global model is the simulator's, bit for bit; so are accuracy and losses
     assert_same_model(model, state.global_params)
+    assert comparable(metrics["rounds"]) == comparable(state.records)
 
 
 def test_flower_simulation_engine_matches_simulator(tmp_path, monkeypatch):
