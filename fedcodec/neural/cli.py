@@ -38,12 +38,33 @@ def add_parser(sub) -> None:
     t.add_argument("--prior-lr-scale", type=float,
                    help="the entropy model's learning rate as a multiple of --lr (default: the source's; 10 for "
                         "images, whose small CDF networks learn slowly at the transforms' rate, 1 for vectors)")
-    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--seed", type=int, default=0, help="the seed of a single sweep (see --seeds)")
+    t.add_argument("--seeds", help="a study over seeds, e.g. 0-4 or 0,1,2: one sweep per seed (and per "
+                                   "--samples-per-client value) in <out>/n<N>/seed<S>, then study.md with BD-rates "
+                                   "per client, their mean and 95%% confidence interval over seeds, J = rate + λ·MSE "
+                                   "per λ, rd-ci.png (and bd-vs-n.png with several sample sizes)")
+    t.add_argument("--samples-per-client", help="training samples per client (synthetic, clusters, fashion-mnist); "
+                                                "several comma-separated values make a study with the crossover "
+                                                "n* where local-only training starts to win")
+    t.add_argument("--alpha", type=float, help="clusters source: Dirichlet concentration of each client's mixture "
+                                               "over the shared clusters (small: clients differ more)")
+    t.add_argument("--jobs", type=int, default=1, help="a study's units run as this many parallel processes "
+                                                      "(one torch thread each unless --threads)")
+    t.add_argument("--trainer", help="how the shared transforms train: fedadam (local SGD, Adam on the server; "
+                                     "the default), fedsgd-adam (one gradient per round, Adam on the server) or "
+                                     "local-adam (Adam on the clients, averaged: the earlier trainer)")
+    t.add_argument("--val-fraction", type=float,
+                   help="share of each client's training data held out to choose the final round (0: the last)")
+    t.add_argument("--offsets", choices=("on", "off"),
+                   help="quantize around each channel's median of the client's entropy model (on, the default) "
+                        "or on the plain integer grid (off)")
     t.add_argument("--method", default="fedavg",
                    help="how the shared transforms' updates travel: any fedcodec method, e.g. fedmrn-binary "
                         "(masks over seeded noise trained on g_a/g_s; the entropy models train as usual and stay "
                         "local); training uses --lr, not the method's own learning rate")
-    t.add_argument("--data-dir", help="Fashion-MNIST directory, or a folder of images for --source photos")
+    t.add_argument("--data-dir", help="Fashion-MNIST directory, a folder of images for --source photos, or for "
+                                      "--source npy a folder with one subfolder per client holding train.npy "
+                                      "and test.npy (float32, shape (n, d))")
     t.add_argument("--out", help="output folder (default runs/neural/<source>)")
     t.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     t.add_argument("--no-progress", action="store_true")
@@ -57,6 +78,34 @@ def add_parser(sub) -> None:
         c.add_argument("-o", "--output", required=True)
         c.add_argument("--codec", required=True, help="a codec.safetensors written by 'fedcodec neural train'")
         c.add_argument("--client", type=int, default=0, help="whose entropy model to use")
+
+
+def _floats(text: str | None, flag: str) -> list[float]:
+    """A comma-separated list of positive numbers (empty for None)."""
+    if not text:
+        return []
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ConfigError(f"{flag} takes comma-separated numbers, e.g. 10,30,100; got {text!r}") from None
+    if not values or not all(v > 0 and v == v and v != float("inf") for v in values) or len(values) > 64:
+        raise ConfigError(f"{flag} takes 1..64 positive finite numbers; got {text!r}")
+    return values
+
+
+def _seeds(text: str) -> list[int]:
+    """Seeds as ``0-4`` or ``0,1,2`` (at most 100, each 0..2**31-1)."""
+    try:
+        if "-" in text.strip().lstrip("-") and "," not in text:
+            a, b = (int(v) for v in text.split("-"))
+            seeds = list(range(a, b + 1))
+        else:
+            seeds = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ConfigError(f"--seeds takes a range like 0-4 or a list like 0,1,2; got {text!r}") from None
+    if not 1 <= len(seeds) <= 100 or not all(0 <= v < 2**31 for v in seeds) or len(set(seeds)) != len(seeds):
+        raise ConfigError(f"--seeds: 1..100 distinct seeds in 0..2**31-1; got {text!r}")
+    return seeds
 
 
 def _coder(args):
@@ -118,13 +167,27 @@ def run(args) -> int:
             import torch
 
             torch.set_num_threads(args.threads)
-        lambdas = [float(v) for v in args.lambdas.split(",")] if args.lambdas else None
+        lambdas = _floats(args.lambdas, "--lambdas")
         out = Path(args.out or f"runs/neural/{args.source}")
-        result = run_sweep(args.source, lambdas, [m.strip() for m in args.modes.split(",")], out, args.data_dir,
-                           progress=not args.no_progress, rounds=args.rounds, local_epochs=args.local_epochs,
-                           batch_size=args.batch_size, lr=args.lr, seed=args.seed, method=args.method,
-                           keep_optimizer_state=args.optimizer_state == "keep",
-                           prior_lr_scale=args.prior_lr_scale)
+        modes = [m.strip() for m in args.modes.split(",")]
+        samples = [int(v) for v in _floats(args.samples_per_client, "--samples-per-client")] or [None]
+        settings = dict(rounds=args.rounds, local_epochs=args.local_epochs, batch_size=args.batch_size, lr=args.lr,
+                        method=args.method, keep_optimizer_state=args.optimizer_state == "keep",
+                        prior_lr_scale=args.prior_lr_scale, trainer=args.trainer, val_fraction=args.val_fraction,
+                        offsets=None if args.offsets is None else args.offsets == "on")
+        settings = {k: v for k, v in settings.items() if v is not None}
+        if args.seeds or len(samples) > 1:
+            from .study import run_study
+
+            seeds = _seeds(args.seeds) if args.seeds else [args.seed]
+            run_study(args.source, lambdas, modes, out, seeds, samples, args.data_dir, jobs=args.jobs,
+                      threads=args.threads or 1, progress=not args.no_progress, alpha=args.alpha, **settings)
+            print((out / "study.md").read_text())
+            print(f"fedcodec: {len(seeds)} seeds x {len(samples)} sample sizes; summary in {out}/study.md, "
+                  f"plots {out}/rd-ci.png" + (f", {out}/bd-vs-n.png" if len(samples) > 1 else ""))
+            return 0
+        result = run_sweep(args.source, lambdas, modes, out, args.data_dir, progress=not args.no_progress,
+                           samples_per_client=samples[0], alpha=args.alpha, seed=args.seed, **settings)
         print((out / "results.md").read_text())
         print(f"fedcodec: {len(result['curves'])} λ values; results in {out}/results.md, plot {out}/rd.png")
         return 0

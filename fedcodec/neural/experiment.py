@@ -32,7 +32,8 @@ COMPARISONS = [("local", "federated"), ("local", "federated+fit"), ("global", "f
                ("global+ft", "federated+fit"), ("local", "global+ft"),
                ("newcomer: shared prior", "newcomer: own prior"), ("newcomer: global", "newcomer: global+fit"),
                ("holdout: jpeg", "holdout: federated"), ("holdout: jpeg", "holdout: global"),
-               ("holdout: jpeg", "holdout: local"), ("holdout: jpeg", "holdout: webp")]
+               ("holdout: jpeg", "holdout: local"), ("holdout: jpeg", "holdout: webp"),
+               ("federated", "oracle"), ("local", "oracle"), ("federated (no offsets)", "federated")]
 
 
 def _fitted(models: list[NTC], data: list[torch.Tensor], s: Settings, salt: int) -> list[NTC]:
@@ -49,31 +50,50 @@ def _with_prior(model: NTC, prior: dict[str, torch.Tensor]) -> NTC:
     return m.eval()
 
 
+def _curve_point(models: list[NTC], data: list[torch.Tensor]) -> dict:
+    """The clients' mean point, with each client's own point under ``clients``."""
+    points = [rd_point(m, x) for m, x in zip(models, data)]
+    return {**mean_point(points), "clients": points}
+
+
+def _without_offsets(model: NTC) -> NTC:
+    """The same codec quantizing on the plain integer grid (no personal offsets): training does not
+    depend on the offsets (uniform noise is shift-invariant), so this isolates their effect."""
+    import copy
+    import dataclasses
+
+    m = copy.deepcopy(model)
+    m.cfg = dataclasses.replace(m.cfg, offsets=False)
+    return m.eval()
+
+
 def evaluate(src: NeuralSource, trained: Trained, s: Settings) -> dict[str, dict]:
-    """All the curves' points that trained run ``trained`` gives."""
+    """All the curves' points that trained run ``trained`` gives (each with its clients' points)."""
     k = src.num_clients
     models = [trained.model(c) for c in range(k)]
-    pts = {trained.mode: mean_point([rd_point(m, src.test[c]) for c, m in enumerate(models)])}
+    pts = {trained.mode: _curve_point(models, src.test)}
+    if getattr(models[0].cfg, "offsets", False) and trained.mode in ("federated", "local", "oracle"):
+        pts[f"{trained.mode} (no offsets)"] = _curve_point([_without_offsets(m) for m in models], src.test)
     if trained.mode == "federated":
         fitted = _fitted(models, src.train, s, 1)
-        pts["federated+fit"] = mean_point([rd_point(m, src.test[c]) for c, m in enumerate(fitted)])
+        pts["federated+fit"] = _curve_point(fitted, src.test)
         shared = _with_prior(models[0], average_prior(fitted))
         if src.newcomers_train:
-            pts["newcomer: shared prior"] = mean_point([rd_point(shared, x) for x in src.newcomers_test])
+            pts["newcomer: shared prior"] = _curve_point([shared] * len(src.newcomers_test), src.newcomers_test)
             own = _fitted([shared] * len(src.newcomers_train), src.newcomers_train, s, 2)
-            pts["newcomer: own prior"] = mean_point([rd_point(m, x) for m, x in zip(own, src.newcomers_test)])
+            pts["newcomer: own prior"] = _curve_point(own, src.newcomers_test)
         if src.holdout:
             pts["holdout: federated"] = rd_point(shared, [x for _, x in src.holdout])
     elif trained.mode == "global":
         fitted = _fitted(models, src.train, s, 1)
-        pts["global+ft"] = mean_point([rd_point(m, src.test[c]) for c, m in enumerate(fitted)])
+        pts["global+ft"] = _curve_point(fitted, src.test)
         if src.newcomers_train:
-            pts["newcomer: global"] = mean_point([rd_point(models[0], x) for x in src.newcomers_test])
+            pts["newcomer: global"] = _curve_point([models[0]] * len(src.newcomers_test), src.newcomers_test)
             own = _fitted([models[0]] * len(src.newcomers_train), src.newcomers_train, s, 2)
-            pts["newcomer: global+fit"] = mean_point([rd_point(m, x) for m, x in zip(own, src.newcomers_test)])
+            pts["newcomer: global+fit"] = _curve_point(own, src.newcomers_test)
         if src.holdout:
             pts["holdout: global"] = rd_point(models[0], [x for _, x in src.holdout])
-    elif src.holdout:  # local: each client's codec on the held-out photos, averaged over clients
+    elif trained.mode == "local" and src.holdout:  # each client's codec on the held-out photos, averaged
         pts["holdout: local"] = mean_point([rd_point(m, [x for _, x in src.holdout]) for m in models])
     for p in pts.values():
         p["uplink_bytes"] = trained.uplink_bytes
@@ -93,18 +113,22 @@ def standard_curves(src: NeuralSource) -> dict[str, list[dict]]:
 
 
 def run_sweep(source: str, lambdas: list[float] | None, modes: list[str], out: Path, data_dir: str | None = None,
-              progress: bool = True, **overrides) -> dict:
-    """Train and evaluate every (mode, λ); reuse codecs already saved under ``out`` (resume)."""
+              progress: bool = True, samples_per_client: int | None = None, alpha: float | None = None,
+              **overrides) -> dict:
+    """Train and evaluate every (mode, λ); reuse codecs already saved under ``out`` (resume).
+    ``samples_per_client`` and ``alpha`` go to the source (:func:`~fedcodec.neural.sources.load_source`)."""
     for m in modes:
         if m not in MODES:
             raise ConfigError(f"unknown mode {m!r}; choose from {', '.join(MODES)}")
-    src = load_source(source, data_dir, seed=overrides.get("seed") or 0)
+    src = load_source(source, data_dir, seed=overrides.get("seed") or 0, samples_per_client=samples_per_client,
+                      alpha=alpha)
     s = Settings.for_source(src, **overrides)
+    source_args = {"samples_per_client": samples_per_client, "alpha": alpha}
     lambdas = list(lambdas or src.lambdas)
     out.mkdir(parents=True, exist_ok=True)
     results_path = out / "results.json"
     done = json.loads(results_path.read_text()) if results_path.exists() else {}
-    if done and done.get("settings") != s.__dict__:
+    if done and (done.get("settings") != s.__dict__ or done.get("source_args", source_args) != source_args):
         raise ConfigError(f"{out} holds results made with other settings ({done.get('settings')}); "
                           "use another --out or delete it")
     curves: dict[str, dict[str, dict]] = done.get("curves", {})
@@ -117,15 +141,15 @@ def run_sweep(source: str, lambdas: list[float] | None, modes: list[str], out: P
             t0 = time.perf_counter()
             trained = Trained.load(path) if path.exists() else train(src, mode, lam, s, progress)
             if not path.exists():
-                trained.save(path, {"source": source, "settings": s.__dict__})
+                trained.save(path, {"source": source, "settings": s.__dict__, "source_args": source_args})
             entry = curves.setdefault(key, {})
             entry.update(evaluate(src, trained, s))
             entry.setdefault("_trained", []).append(mode)
             entry.setdefault("_seconds", {})[mode] = time.perf_counter() - t0
             _write(results_path, {"source": source, "unit": src.rate_unit, "settings": s.__dict__,
-                                  "curves": curves, "standard": done.get("standard")})
-    result = {"source": source, "unit": src.rate_unit, "settings": s.__dict__, "curves": curves,
-              "standard": standard_curves(src) if src.holdout else None}
+                                  "source_args": source_args, "curves": curves, "standard": done.get("standard")})
+    result = {"source": source, "unit": src.rate_unit, "settings": s.__dict__, "source_args": source_args,
+              "curves": curves, "standard": standard_curves(src) if src.holdout else None}
     _write(results_path, result)
     report(result, out)
     return result
