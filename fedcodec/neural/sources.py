@@ -7,7 +7,6 @@ it. Everything is drawn from explicit seeded generators.
 - ``synthetic``: the paper's distributed source model. Client ``k`` draws a latent ``z`` from its own
   law (a two-component Gaussian mixture with client-specific means and scales) and every client pushes
   it through one fixed random nonlinear map ``R^2 → R^16``, plus small Gaussian noise.
-- ``fashion-mnist``: label skew, client ``k`` holds classes ``k`` and ``k+1 (mod 10)`` (pixels in [0, 1]).
 - ``clusters``: overlapping structure with a heterogeneity knob. ``M`` latent Gaussian clusters, drawn
   once from the seed, pushed through one fixed random nonlinear map to ``R^dim`` plus small noise;
   client ``k`` mixes the clusters with weights ``π_k ~ Dirichlet(α·1_M)`` (``α`` large: clients alike;
