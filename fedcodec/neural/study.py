@@ -214,10 +214,11 @@ def crossover(study: dict, anchor: str = "local", test: str = "federated") -> di
 
 # ---- report ----------------------------------------------------------------------------------
 
-def _pm(m: float, h: float, unit: str = "%") -> str:
+def _pm(m: float, h: float, unit: str = "%", signed: bool = True, digits: int = 1) -> str:
     if not math.isfinite(m):
         return "—"
-    return f"{m:+.1f}{unit} ± {h:.1f}" if math.isfinite(h) else f"{m:+.1f}{unit}"
+    text = f"{m:+.{digits}f}" if signed else f"{m:.{digits}f}"
+    return f"{text}{unit} ± {h:.{digits}f}" if math.isfinite(h) else f"{text}{unit}"
 
 
 def study_markdown(study: dict) -> str:
@@ -238,8 +239,9 @@ def study_markdown(study: dict) -> str:
                   f"| mode | λ | J = rate + λ·MSE | rate ({e['unit']}) | PSNR (dB) |", "|---|---:|---:|---:|---:|"]
         for mode, rows in e["J"].items():
             for r in rows:
-                lines.append(f"| {mode} | {r['lmbda']:g} | {_pm(r['J'], r['J_ci95'], '')} | "
-                             f"{_pm(r['rate'], r['rate_ci95'], '')} | {_pm(r['psnr'], r['psnr_ci95'], '')} |")
+                lines.append(f"| {mode} | {r['lmbda']:g} | {_pm(r['J'], r['J_ci95'], '', False, 3)} | "
+                             f"{_pm(r['rate'], r['rate_ci95'], '', False, 3)} | "
+                             f"{_pm(r['psnr'], r['psnr_ci95'], '', False, 2)} |")
         lines.append("")
     x = study["crossover"]
     if len(x["points"]) > 1:
