@@ -8,7 +8,10 @@ File format (``.fcn``; all integers little-endian)::
 
 The checksum covers everything before it, so a corrupted file is reported, never decoded to
 garbage; the two fingerprints name the synthesis transform and the entropy model (its integer
-tables), so decoding with another client's codec is refused with a message saying so.
+tables and, for a model with ``offsets``, its quantization offsets: see
+:mod:`fedcodec.neural.entropy`), so decoding with another client's codec, or with the same model
+quantizing on another grid, is refused with a message saying so. The stream holds integer symbols
+either way; with offsets the decoder adds each channel's offset before the synthesis transform.
 
 A checksum only proves the file is intact, not that its maker was friendly, so every declared size
 is checked before anything is allocated: at most :data:`MAX_ELEMENTS` data values and
@@ -68,30 +71,60 @@ def read_file(path: str | Path) -> bytes:
 
 @dataclass
 class Coder:
-    """One client's codec: the model (shared transforms + that client's prior) and its tables."""
+    """One client's codec: the model (shared transforms + that client's prior) and its tables.
+
+    ``tables`` may be None where nothing is coded (rate estimates in evaluation); the quantization
+    offsets are then derived from the model (``prior.medians()`` when ``model.cfg.offsets``), and
+    otherwise are the tables' (``Tables.offsets``, None: the integer grid)."""
 
     model: NTC
-    tables: Tables
+    tables: Tables | None
 
     @classmethod
     def of(cls, model: NTC) -> "Coder":
         model.eval()
-        return cls(model, model.prior.tables())
+        return cls(model, model.prior.tables(offsets=model.cfg.offsets))
+
+    def __post_init__(self) -> None:
+        # without tables, the model's own offsets, derived once (the model is not expected to change)
+        self._derived = self.model.prior.medians() if self.tables is None and self.model.cfg.offsets else None
+
+    @property
+    def offsets(self) -> np.ndarray | None:
+        """Each latent channel's quantization offset (float64), or None for the integer grid."""
+        return self.tables.offsets if self.tables is not None else self._derived
+
+    def _shift(self, ndim: int) -> torch.Tensor | None:
+        """The offsets as float32 (exact: multiples of 2**-16 below 256), shaped to broadcast over
+        latents of ``ndim`` dimensions (channels are dimension 1); None without offsets."""
+        off = self.offsets
+        if off is None:
+            return None
+        return torch.from_numpy(np.asarray(off, np.float64).astype(np.float32)).reshape(1, -1, *([1] * (ndim - 2)))
+
+    def latents(self, symbols: np.ndarray) -> torch.Tensor:
+        """The decoded latents ``ŷ`` of integer ``symbols``: the symbols, plus each channel's offset."""
+        y = torch.from_numpy(symbols.astype(np.float32))
+        shift = self._shift(y.dim())
+        return y if shift is None else y + shift
 
     # ---- latents ---------------------------------------------------------------------------
     @torch.no_grad()
     def quantize(self, x: torch.Tensor) -> np.ndarray:
         y = self.model.g_a(x)
+        shift = self._shift(y.dim())
+        if shift is not None:
+            y = y - shift
         return torch.round(y).clamp(RAW_MIN, RAW_MIN + RAW - 1).to(torch.int64).numpy()
 
     @torch.no_grad()
     def reconstruct(self, symbols: np.ndarray) -> torch.Tensor:
-        return self.model.g_s(torch.from_numpy(symbols.astype(np.float32)))
+        return self.model.g_s(self.latents(symbols))
 
     @torch.no_grad()
     def estimate_bits(self, symbols: np.ndarray) -> float:
         """−log2 p(ŷ) under the continuous model: what an ideal coder would spend."""
-        lik = self.model.prior.likelihood(torch.from_numpy(symbols.astype(np.float32)))
+        lik = self.model.prior.likelihood(self.latents(symbols))
         return float(-torch.log2(lik.double()).sum())
 
     # ---- batches (evaluation) --------------------------------------------------------------

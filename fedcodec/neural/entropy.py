@@ -11,6 +11,21 @@ counts per channel over a support ``lo..hi`` plus one escape symbol); values out
 are coded as the escape symbol followed by a raw 16-bit value. Encoder and decoder build the coder
 from the same integers, so decoding is bit-exact on any machine, and the tables' fingerprint
 identifies the entropy model in a file header.
+
+Quantization offsets (optional, ``NTCConfig.offsets``). Rounding every channel on the integer grid
+``round(y)`` wastes rate when a channel's density is not centred on an integer: a density centred at
+0.5 splits its mass evenly between two bins. As CompressAI's ``EntropyBottleneck`` does with its
+``medians``, the grid can instead be centred on each channel's median ``m_c`` of the learned density
+(:meth:`FactorizedPrior.medians`): the coded symbol is ``k = round(y − m_c)``, the decoder's latent is
+``ŷ = k + m_c``, and symbol ``k``'s table entry is the density's mass on ``[k + m_c − ½, k + m_c + ½]``
+(:meth:`FactorizedPrior.tables` with ``offsets=True``). The medians are derived from the prior's
+parameters, so a personalized (client-local) entropy model has personal offsets at no cost in bytes:
+nothing is transmitted, both ends compute them. They are found by bisection in float64 on the monotone
+CDF logits and rounded to multiples of :data:`OFFSET_GRID` (``2**-16``, at most :data:`SUPPORT` in
+magnitude, so exact in float32), and :class:`Tables` carries them (``Tables.offsets``) inside its
+fingerprint: a file made with other offsets, or none, is refused as made with another entropy model.
+Training is unchanged: additive uniform noise ``y + u`` has the same likelihood whatever grid is later
+used for rounding. With offsets off (``Tables.offsets`` None) everything is exactly as before.
 """
 
 from __future__ import annotations
@@ -31,6 +46,8 @@ SUPPORT = 255  # the table spans at most -SUPPORT..SUPPORT around zero
 TAIL = 1e-7  # probability mass left to the escape symbol on each side of the support
 RAW = 1 << 16  # escaped values travel as raw 16-bit numbers
 RAW_MIN = -(1 << 15)
+OFFSET_GRID = 2.0 ** -16  # medians are rounded to multiples of this, so both ends agree exactly
+MEDIAN_STEPS = 80  # bisection steps (fixed: the result is a deterministic function of the parameters)
 
 
 class FactorizedPrior(nn.Module):
@@ -76,10 +93,41 @@ class FactorizedPrior(nn.Module):
         return p.reshape(moved.shape).transpose(0, 1)
 
     @torch.no_grad()
-    def tables(self) -> "Tables":
-        """Integer frequency tables for coding (computed in float64 once, then exact integers)."""
-        grid = torch.arange(-SUPPORT, SUPPORT + 1, dtype=torch.float64)
-        pmf = self._interval(grid.expand(self.channels, 1, -1).contiguous()).squeeze(1).numpy()
+    def medians(self) -> np.ndarray:
+        """Each channel's median of the learned density (the ``v`` whose CDF logit is 0) as float64,
+        (channels,): bisection in float64 from a bracket grown until it holds the median, a fixed
+        number of steps, then clamped to ±:data:`SUPPORT` and rounded to multiples of
+        :data:`OFFSET_GRID`, so encoder and decoder derive the same offsets from the same parameters."""
+        def logits(v: np.ndarray) -> np.ndarray:
+            t = torch.from_numpy(v).reshape(self.channels, 1, 1)
+            return self._logits(t).reshape(-1).numpy()
+
+        lo = np.full(self.channels, -float(SUPPORT))
+        hi = np.full(self.channels, float(SUPPORT))
+        for _ in range(64):  # grow each bracket until logit(lo) <= 0 <= logit(hi) (or give up far out)
+            below, above = logits(lo) > 0, logits(hi) < 0
+            if not (below.any() or above.any()):
+                break
+            lo = np.where(below, 2 * lo, lo)
+            hi = np.where(above, 2 * hi, hi)
+        for _ in range(MEDIAN_STEPS):
+            mid = 0.5 * (lo + hi)
+            up = logits(mid) > 0  # the median lies below mid
+            hi, lo = np.where(up, mid, hi), np.where(up, lo, mid)
+        m = np.clip(0.5 * (lo + hi), -SUPPORT, SUPPORT)
+        m = np.where(np.isfinite(m), m, 0.0)
+        return np.round(m / OFFSET_GRID) * OFFSET_GRID
+
+    @torch.no_grad()
+    def tables(self, offsets: bool = False) -> "Tables":
+        """Integer frequency tables for coding (computed in float64 once, then exact integers); with
+        ``offsets`` symbol ``k`` of channel ``c`` stands for ``k + medians()[c]`` (see the module
+        docstring), without it for ``k``."""
+        med = self.medians() if offsets else None
+        grid = torch.arange(-SUPPORT, SUPPORT + 1, dtype=torch.float64).expand(self.channels, 1, -1)
+        if med is not None:
+            grid = grid + torch.from_numpy(med).reshape(self.channels, 1, 1)
+        pmf = self._interval(grid.contiguous()).squeeze(1).numpy()
         los, counts = [], []
         for c in range(self.channels):
             p = pmf[c]
@@ -91,7 +139,7 @@ class FactorizedPrior(nn.Module):
             escape = max(1.0 - float(body.sum()), 2.0 ** -(PRECISION - 4))
             counts.append(_quantize(np.append(body, escape)))
             los.append(lo - SUPPORT)
-        return Tables(np.array(los, np.int32), counts)
+        return Tables(np.array(los, np.int32), counts, med)
 
 
 def _quantize(p: np.ndarray) -> np.ndarray:
@@ -105,18 +153,25 @@ def _quantize(p: np.ndarray) -> np.ndarray:
 
 @dataclass
 class Tables:
-    """Coding tables: channel ``c`` codes values ``lo[c] .. lo[c] + len(counts[c]) − 2`` directly;
-    the last symbol of ``counts[c]`` is the escape."""
+    """Coding tables: channel ``c`` codes symbols ``lo[c] .. lo[c] + len(counts[c]) − 2`` directly;
+    the last symbol of ``counts[c]`` is the escape. Symbols are integers either way; with ``offsets``
+    symbol ``k`` of channel ``c`` stands for the latent ``k + offsets[c]`` (the coder adds them)."""
 
     lo: np.ndarray
     counts: list[np.ndarray]
+    #: each channel's quantization offset (float64, multiples of OFFSET_GRID), or None: the integer grid
+    offsets: np.ndarray | None = None
 
     @property
     def fingerprint(self) -> bytes:
+        """8 bytes naming the tables and, when present, the offsets (tables without offsets hash as
+        they always did)."""
         h = hashlib.blake2b(digest_size=8)
         h.update(self.lo.astype("<i4").tobytes())
         for c in self.counts:
             h.update(len(c).to_bytes(4, "little") + c.astype("<i8").tobytes())
+        if self.offsets is not None:
+            h.update(b"offsets" + np.asarray(self.offsets, "<f8").tobytes())
         return h.digest()
 
     def _models(self):

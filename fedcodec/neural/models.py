@@ -50,26 +50,33 @@ class GDN(nn.Module):
 @dataclass(frozen=True)
 class NTCConfig:
     """The architecture, enough to rebuild a model: ``kind`` "vector" (MLPs on ``dim``-vectors) or
-    "image" (conv/GDN on ``dim``-channel images, ``downs`` stride-2 stages)."""
+    "image" (conv/GDN on ``dim``-channel images, ``downs`` stride-2 stages). ``offsets``: quantize
+    the latents around each channel's median of the entropy model instead of the integer grid (see
+    :mod:`fedcodec.neural.entropy`); it adds no parameter, and its default (off) is what codecs
+    saved before it existed mean, so they decode exactly as they did."""
 
     kind: str
     dim: int
     latent: int
     hidden: int = 64
     downs: int = 2
+    offsets: bool = False
 
     def validate(self) -> "NTCConfig":
         if self.kind not in ("vector", "image"):
             raise ConfigError(f"model kind must be vector or image, got {self.kind!r}")
         if min(self.dim, self.latent, self.hidden, self.downs) < 1:
             raise ConfigError(f"model sizes must be >= 1: {self}")
+        if not isinstance(self.offsets, bool):
+            raise ConfigError(f"model offsets must be true or false, got {self.offsets!r}")
         return self
 
     @classmethod
     def parse(cls, value: object) -> "NTCConfig":
-        """An architecture read from a file: exactly the fields, of their types, within
-        :data:`NTC_LIMITS`; anything else raises :class:`ConfigError`."""
-        names = ("kind", *NTC_LIMITS)
+        """An architecture read from a file: exactly the fields, of their types (the integers within
+        :data:`NTC_LIMITS`, the optional ``offsets`` a JSON bool, absent meaning false); anything
+        else raises :class:`ConfigError`."""
+        names = ("kind", *NTC_LIMITS, "offsets")
         if not isinstance(value, dict) or not set(value) <= set(names) or not {"kind", "dim", "latent"} <= set(value):
             raise ConfigError(f"an architecture is an object of {', '.join(names)} (kind, dim, latent required)")
         if value["kind"] not in ("vector", "image"):
@@ -78,6 +85,8 @@ class NTCConfig:
             v = value.get(name, 1)
             if type(v) is not int or not 1 <= v <= top:
                 raise ConfigError(f"model {name} must be an integer in 1..{top}")
+        if type(value.get("offsets", False)) is not bool:
+            raise ConfigError("model offsets must be a JSON true or false")
         return cls(**value).validate()
 
 
@@ -139,9 +148,12 @@ class NTC(nn.Module):
         return [n for n, _ in self.named_parameters() if n.startswith(PRIOR_PREFIX)]
 
     def transform_fingerprint(self) -> bytes:
-        """8 bytes identifying the synthesis transform (what a decoder must hold)."""
+        """8 bytes identifying the synthesis transform (what a decoder must hold). ``offsets`` is left
+        out: it belongs to the entropy model, whose fingerprint covers it (and leaving it out keeps
+        every transform fingerprint what it was before the field existed)."""
         h = hashlib.blake2b(digest_size=8)
-        h.update(repr(sorted(asdict(self.cfg).items())).encode())
+        arch = {k: v for k, v in asdict(self.cfg).items() if k != "offsets"}
+        h.update(repr(sorted(arch.items())).encode())
         for name, p in self.g_s.named_parameters():
             h.update(name.encode() + p.detach().contiguous().numpy().astype("<f4").tobytes())
         return h.digest()
