@@ -17,7 +17,8 @@ client-local:
 
 How the shared tensors are optimized is :attr:`Settings.trainer` (:data:`TRAINERS`):
 
-- ``fedadam`` (the default): clients take plain SGD steps (``client_lr``) on the shared tensors,
+- ``fedadam`` (the default): clients take plain SGD steps on the shared tensors (learning rate
+  ``client_lr / λ``: SGD on the loss over λ, whose scale does not grow with λ),
   the server applies Adam (Reddi et al. 2021's FedAdam, :mod:`fedcodec.fl.server_opt`) to their
   averaged update; a client-local entropy model trains with its own Adam (``lr · prior_lr_scale``)
   whose moments the client keeps between rounds (never sent). Averaging clients' *adaptive* steps
@@ -92,7 +93,7 @@ class Settings:
     keep_optimizer_state: bool = True  # each client's Adam moments carry over between rounds
     prior_lr_scale: float = 10.0  # the entropy model's learning rate, relative to lr (training and fits)
     trainer: str = "fedadam"  # how the shared tensors are optimized: one of TRAINERS (module docstring)
-    client_lr: float = 0.05  # fedadam: the clients' plain SGD learning rate
+    client_lr: float = 5.0  # fedadam: the clients' plain SGD learning rate on the loss / λ (the engine's lr: client_lr / λ)
     server_lr: float = 1e-2  # fedadam, fedsgd-adam: the server Adam's learning rate
     server_beta1: float = 0.9
     server_beta2: float = 0.99
@@ -326,10 +327,14 @@ def build_simulation(src: NeuralSource, mode: str, lmbda: float, s: Settings) ->
     if trainer == "local-adam":
         client_lr, optimizer, server = s.lr, "adam", {}
     else:
-        client_lr = s.client_lr if trainer == "fedadam" else 1.0
+        # plain SGD is not scale-free: its step is client_lr on the loss divided by λ (rate/λ + MSE),
+        # so one client_lr suits every λ of a sweep (Adam's steps do not see the scale)
+        client_lr = s.client_lr / lmbda if trainer == "fedadam" else 1.0
         optimizer = "sgd"
+        # no norm clipping (the engine's default defence against hostile clients): clipping honest but
+        # heterogeneous clients' updates to 2x the median norm biases the mean the server's Adam steps on
         server = {"server_optimizer": "adam", "server_lr": s.server_lr, "server_beta1": s.server_beta1,
-                  "server_beta2": s.server_beta2, "server_tau": s.server_tau}
+                  "server_beta2": s.server_beta2, "server_tau": s.server_tau, "clip_factor": 0.0}
         if local:  # a client-local entropy model: its own Adam at lr · prior_lr_scale
             prior_opt, prior_scale = "adam", s.lr * s.prior_lr_scale / client_lr
     cfg = Config(seed=s.seed, rounds=rounds, num_clients=k, clients_per_round=k, local_epochs=s.local_epochs,
