@@ -93,8 +93,8 @@ class Settings:
     keep_optimizer_state: bool = True  # each client's Adam moments carry over between rounds
     prior_lr_scale: float = 10.0  # the entropy model's learning rate, relative to lr (training and fits)
     trainer: str = "fedadam"  # how the shared tensors are optimized: one of TRAINERS (module docstring)
-    client_lr: float = 5.0  # fedadam: the clients' plain SGD learning rate on the loss / λ (the engine's lr: client_lr / λ)
-    server_lr: float = 1e-2  # fedadam, fedsgd-adam: the server Adam's learning rate
+    client_lr: float = 0.3  # fedadam: the clients' plain SGD learning rate on the loss / λ (the engine's lr: client_lr / λ)
+    server_lr: float = 0.03  # fedadam, fedsgd-adam: the server Adam's learning rate (probed: synthetic, λ=100, 15 rounds)
     server_beta1: float = 0.9
     server_beta2: float = 0.99
     server_tau: float = 1e-3
