@@ -83,6 +83,8 @@ def batching_blocked(runtime: ClientRuntime, cfg: LocalTraining) -> str | None:
         return f"codec {runtime.uplink.codec_id!r} fits itself on the client (a pre-pass)"
     if cfg.keep_state:
         return "clients keep their optimizer state between rounds"
+    if cfg.max_steps is not None:
+        return "local training stops after max_steps steps"
     if runtime.local:
         return "the model has client-local tensors"
     if getattr(runtime.task, "loss_uses_generator", True):

@@ -35,15 +35,41 @@ class LocalTraining:
     #: one round to the next instead of starting it afresh (never sent). Under a codec's
     #: parametrization only the tensors trained directly keep theirs; the codec's latents start afresh
     keep_state: bool = False
+    #: stop local training after this many steps (batches), within the first epoch that reaches it
+    #: (None: every batch of ``epochs`` epochs). FedSGD-style rounds: ``max_steps=1``
+    max_steps: int | None = None
+
+    def total_steps(self, num: int) -> int:
+        """The steps of one round of local training on ``num`` examples."""
+        total = self.epochs * steps_per_epoch(num, self.batch_size)
+        return total if self.max_steps is None else min(total, self.max_steps)
 
 
 LOCAL = "local/"  # client-store key prefix of a client's personalized tensors
 OPTIM = "optim/"  # client-store key prefix of its kept optimizer state
 
 
+def _kept_optimizers(opt) -> tuple[torch.optim.Optimizer, ...]:
+    """The optimizers whose state a client keeps: ``opt`` itself, or an :class:`OptimizerPair`'s
+    :attr:`~OptimizerPair.kept` ones."""
+    return opt.kept if isinstance(opt, OptimizerPair) else (opt,)
+
+
+def _owner(opt, p: torch.Tensor) -> torch.optim.Optimizer:
+    """The kept optimizer that steps ``p`` (a plain optimizer: itself; a pair: the main one unless
+    another kept optimizer holds ``p``)."""
+    kept = _kept_optimizers(opt)
+    if len(kept) > 1:
+        for o in kept[1:]:
+            if any(q is p for g in o.param_groups for q in g["params"]):
+                return o
+    return kept[0]
+
+
 def restore_optimizer(opt: torch.optim.Optimizer, params: dict[str, nn.Parameter],
                       state: dict[str, torch.Tensor]) -> None:
-    """Give ``opt`` the per-parameter state kept in a client's store (nothing on a first round)."""
+    """Give ``opt`` (an optimizer or an :class:`OptimizerPair`: each kept optimizer its own
+    parameters') the per-parameter state kept in a client's store (nothing on a first round)."""
     for name, p in params.items():
         prefix = f"{OPTIM}{name}/"
         # per-element state joins its parameter's device; scalars (Adam's step count) stay on the CPU
@@ -54,15 +80,17 @@ def restore_optimizer(opt: torch.optim.Optimizer, params: dict[str, nn.Parameter
                 raise ConfigError(f"the kept optimizer state {prefix}{key} has shape {tuple(value.shape)}, the "
                                   f"parameter {tuple(p.shape)}: the model changed; start a new run")
         if kept:
-            opt.state[p] = kept
+            _owner(opt, p).state[p] = kept
 
 
 def keep_optimizer(opt: torch.optim.Optimizer, params: dict[str, nn.Parameter],
                    state: dict[str, torch.Tensor]) -> None:
-    for name, p in params.items():
-        for key, value in opt.state.get(p, {}).items():
-            if isinstance(value, torch.Tensor):
-                state[f"{OPTIM}{name}/{key}"] = value.detach().to("cpu", copy=True)
+    """Put the kept optimizers' per-parameter state (see :func:`restore_optimizer`) in a client's store."""
+    for o in _kept_optimizers(opt):
+        for name, p in params.items():
+            for key, value in o.state.get(p, {}).items():
+                if isinstance(value, torch.Tensor):
+                    state[f"{OPTIM}{name}/{key}"] = value.detach().to("cpu", copy=True)
 
 
 @dataclass
@@ -152,24 +180,34 @@ def param_groups(params: dict[str, nn.Parameter], lr_scales: dict[str, float], l
 
 
 class OptimizerPair:
-    """Two optimizers stepped as one: the model's tensors under the client's optimizer, a
-    parametrization's latents under their own (:attr:`Parametrization.optimizer`). :attr:`state` is
-    the first one's, the only state a client keeps between rounds (latents start afresh)."""
+    """Several optimizers stepped as one: the model's tensors under the client's optimizer
+    (``main``), tensors a task trains with an optimizer of their own (``extra``, see
+    :func:`local_optimizer`), and a parametrization's latents under theirs
+    (:attr:`Parametrization.optimizer`; None: none). A client keeps the state of :attr:`kept`
+    (``main`` and ``extra``) between rounds; the latents start afresh. :attr:`state` is ``main``'s."""
 
-    def __init__(self, main: torch.optim.Optimizer, latent: torch.optim.Optimizer):
-        self.main, self.latent = main, latent
+    def __init__(self, main: torch.optim.Optimizer, latent: torch.optim.Optimizer | None = None,
+                 extra: tuple[torch.optim.Optimizer, ...] = ()):
+        self.main, self.latent, self.extra = main, latent, tuple(extra)
 
     @property
     def state(self):
         return self.main.state
 
+    @property
+    def kept(self) -> tuple[torch.optim.Optimizer, ...]:
+        return (self.main, *self.extra)
+
+    def _all(self) -> tuple[torch.optim.Optimizer, ...]:
+        return (*self.kept, *((self.latent,) if self.latent is not None else ()))
+
     def zero_grad(self, set_to_none: bool = True) -> None:
-        self.main.zero_grad(set_to_none=set_to_none)
-        self.latent.zero_grad(set_to_none=set_to_none)
+        for o in self._all():
+            o.zero_grad(set_to_none=set_to_none)
 
     def step(self) -> None:
-        self.main.step()
-        self.latent.step()
+        for o in self._all():
+            o.step()
 
 
 def _optimizer(kind: str, groups: list[dict], cfg: LocalTraining, lr: float) -> torch.optim.Optimizer:
@@ -183,17 +221,45 @@ def local_optimizer(task: Task, cfg: LocalTraining, trainable: dict[str, torch.T
     """The optimizer of local training: ``trainable`` in the task's lr scale groups (:func:`param_groups`),
     then a parametrization's ``latent`` tensors in a group of their own, or in an optimizer of their
     own where the parametrization names one (:class:`OptimizerPair`). Both optimizers are elementwise,
-    so it serves :mod:`fedcodec.fl.batched`'s tensors stacked over clients as well."""
-    groups = param_groups(trainable, getattr(task, "lr_scales", None) or {}, cfg.lr)
+    so it serves :mod:`fedcodec.fl.batched`'s tensors stacked over clients as well.
+
+    A task may declare ``local_optimizers`` ({parameter-name prefix: "sgd" or "adam"}): the
+    trainable tensors whose name starts with such a prefix train under an optimizer of that kind of
+    their own (at ``cfg.lr`` times the task's lr scale for them, as in :func:`param_groups`), the
+    rest under ``cfg.optimizer``; with ``cfg.keep_state`` both keep their state (learned compression:
+    plain SGD on the shared transforms, a client-local entropy model under its own Adam)."""
+    scales = getattr(task, "lr_scales", None) or {}
+    own_kinds: dict[str, str] = getattr(task, "local_optimizers", None) or {}
+    extra: list[torch.optim.Optimizer] = []
+    if own_kinds:
+        rest = dict(trainable)
+        by_kind: dict[str, dict[str, torch.Tensor]] = {}
+        for name in list(rest):
+            prefix = next((k for k in own_kinds if name.startswith(k)), None)
+            if prefix is not None:
+                by_kind.setdefault(own_kinds[prefix], {})[name] = rest.pop(name)
+        for kind, ps in by_kind.items():
+            if kind not in ("sgd", "adam"):
+                raise ConfigError(f"the task's local optimizer for {sorted(ps)[0]!r}... is {kind!r}; "
+                                  "choose sgd or adam")
+            extra.append(_optimizer(kind, param_groups(ps, scales, cfg.lr), cfg, cfg.lr))
+        trainable = rest
+    groups = param_groups(trainable, scales, cfg.lr)
     # a parametrization's latents get no weight decay (it would pull FedBAT's log step sizes and
     # FedPM's scores toward arbitrary values)
     if latent and param.optimizer is not None:
         lr = param.lr if param.lr is not None else cfg.lr * param.lr_scale
         own = _optimizer(param.optimizer, [{"params": list(latent.values()), "lr": lr, "weight_decay": 0.0}],
                          cfg, lr)
+        if extra:
+            main = _optimizer(cfg.optimizer, groups, cfg, cfg.lr) if groups else extra.pop(0)
+            return OptimizerPair(main, own, tuple(extra))
         return OptimizerPair(_optimizer(cfg.optimizer, groups, cfg, cfg.lr), own) if groups else own
     if latent:
         groups.append({"params": list(latent.values()), "lr": cfg.lr * param.lr_scale, "weight_decay": 0.0})
+    if extra:
+        main = _optimizer(cfg.optimizer, groups, cfg, cfg.lr) if groups else extra.pop(0)
+        return OptimizerPair(main, None, tuple(extra)) if extra else main
     return _optimizer(cfg.optimizer, groups, cfg, cfg.lr)
 
 
@@ -216,11 +282,15 @@ def local_train(runtime: ClientRuntime, global_params: Update, x: torch.Tensor, 
     keep = cfg.keep_state and store is not None
     if keep:
         restore_optimizer(opt, trainable, store)
-    total = cfg.epochs * steps_per_epoch(len(x), cfg.batch_size)
+    total = cfg.total_steps(len(x))
     step, last_loss = 0, math.nan
     for _ in range(cfg.epochs):
+        if step >= total:
+            break
         loss_sum, count = 0.0, 0
         for idx in batches(len(x), cfg.batch_size, shuffle, x.device):
+            if step >= total:
+                break
             xb, yb = x[idx], y[idx]
             if param is None:
                 loss = runtime.task.loss(model, xb, yb, shuffle)
@@ -257,7 +327,7 @@ def prepass(runtime: ClientRuntime, global_params: Update, x: torch.Tensor, y: t
     (the last one at the final step), returned as CPU tensors for the codec. The trained model is
     discarded."""
     epochs = plan.epochs or cfg.epochs
-    total = epochs * steps_per_epoch(len(x), cfg.batch_size)
+    total = replace(cfg, epochs=epochs).total_steps(len(x))
     count = min(plan.snapshots, total)
     at = frozenset(round(total * (i + 1) / count) for i in range(count)) if count else frozenset()
     snaps: list[Update] = []

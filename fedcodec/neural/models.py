@@ -162,39 +162,54 @@ class NTC(nn.Module):
 class NTCTask:
     """The engine's task for learned compression: loss = rate + λ·MSE with uniform noise drawn from
     the round's training generator (a compressor's target is its input, so the targets ``y`` are
-    not read); the entropy model may train at ``prior_lr_scale`` times the learning rate.
+    not read); the entropy model may train at ``prior_lr_scale`` times the learning rate, and under
+    an optimizer of its own kind (``prior_optimizer``, e.g. "adam" while the shared transforms take
+    plain SGD steps: :func:`~fedcodec.fl.client.local_optimizer`'s ``local_optimizers`` hook; None:
+    the client's optimizer, as the rest).
 
     Evaluation is personalised: each client codes its own test set ``test[c]`` with the shared
     tensors and its own client-local ones (its entropy model), and the record holds the clients'
     mean rate estimate ``rate_est`` (−log2 p of the rounded latents, per pixel or vector; no bytes
-    are coded), mean ``mse`` and ``test_loss`` = rate_est + λ·mse."""
+    are coded), mean ``mse`` and ``test_loss`` = rate_est + λ·mse. :meth:`client_losses` gives the
+    same per client on any data (the trainer's validation split)."""
 
-    def __init__(self, lmbda: float, prior_lr_scale: float = 1.0, test: Sequence[torch.Tensor] = ()):
+    def __init__(self, lmbda: float, prior_lr_scale: float = 1.0, test: Sequence[torch.Tensor] = (),
+                 prior_optimizer: str | None = None):
         self.lmbda = lmbda
         self.lr_scales = {PRIOR_PREFIX: prior_lr_scale}
+        self.local_optimizers = {PRIOR_PREFIX: prior_optimizer} if prior_optimizer is not None else {}
         self.test = list(test)
 
     def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         return model.rd(x, self.lmbda, gen)["loss"]
 
     @torch.no_grad()
-    def evaluate(self, runtime: ClientRuntime, params: Update,
-                 stores: Mapping[int, Mapping[str, torch.Tensor]]) -> dict[str, float]:
+    def client_losses(self, runtime: ClientRuntime, params: Update, stores: Mapping[int, Mapping[str, torch.Tensor]],
+                      data: Sequence[torch.Tensor]) -> list[dict[str, float]]:
+        """Client ``c``'s ``rate_est``, ``mse`` and ``loss`` = rate_est + λ·mse on ``data[c]``, coded
+        with the shared tensors ``params`` and its own client-local ones (from ``stores[c]``)."""
         from .codec import Coder
 
-        if not self.test:
-            raise ConfigError("this compression task has no test data to evaluate on; "
-                              "give it each client's: NTCTask(lmbda, test=[...])")
         model = runtime.model.eval()
         runtime.load(params)
-        rates, mses = [], []
-        for c, x in enumerate(self.test):
+        out = []
+        for c, x in enumerate(data):
             runtime.load(runtime.local_tensors(stores.get(c, {})))
             coder = Coder(model, None)  # estimates need no tables
             sym = coder.quantize(x)
-            rates.append(coder.estimate_bits(sym) / (len(x) * model.pixels(x)))
-            mses.append(float(torch.mean((coder.reconstruct(sym) - x) ** 2)))
-        rate, mse = float(np.mean(rates)), float(np.mean(mses))
+            rate = coder.estimate_bits(sym) / (len(x) * model.pixels(x))
+            mse = float(torch.mean((coder.reconstruct(sym) - x) ** 2))
+            out.append({"rate_est": rate, "mse": mse, "loss": rate + self.lmbda * mse})
+        return out
+
+    def evaluate(self, runtime: ClientRuntime, params: Update,
+                 stores: Mapping[int, Mapping[str, torch.Tensor]]) -> dict[str, float]:
+        if not self.test:
+            raise ConfigError("this compression task has no test data to evaluate on; "
+                              "give it each client's: NTCTask(lmbda, test=[...])")
+        points = self.client_losses(runtime, params, stores, self.test)
+        rate = float(np.mean([p["rate_est"] for p in points]))
+        mse = float(np.mean([p["mse"] for p in points]))
         return {"rate_est": rate, "mse": mse, "test_loss": rate + self.lmbda * mse}
 
 
