@@ -148,7 +148,8 @@ def run_sweep(source: str, lambdas: list[float] | None, modes: list[str], out: P
             entry.setdefault("_seconds", {})[mode] = time.perf_counter() - t0
             _write(results_path, {"source": source, "unit": src.rate_unit, "settings": s.__dict__,
                                   "source_args": source_args, "curves": curves, "standard": done.get("standard")})
-    result = {"source": source, "unit": src.rate_unit, "settings": s.__dict__, "source_args": source_args,
+    result = {"source": source, "note": src.note, "unit": src.rate_unit, "settings": s.__dict__,
+              "source_args": source_args,
               "curves": curves, "standard": standard_curves(src) if src.holdout else None}
     _write(results_path, result)
     report(result, out)
@@ -195,6 +196,7 @@ def report(result: dict, out: Path) -> None:
     """results.md (points and BD-rates) and rd.png (rate vs PSNR, one line per curve)."""
     unit = result["unit"]
     lines = [f"# Federated neural compression: {result['source']}", "",
+             *([f"Source: {result['note']}.", ""] if result.get("note") else []),
              f"Rate in {unit} from the real range-coded bytes (estimate −log2 p beside it); distortion MSE, "
              "PSNR = 10·log10(1/MSE). Means over clients.", "",
              f"| curve | λ | rate ({unit}) | estimate | MSE | PSNR (dB) |", "|---|---:|---:|---:|---:|---:|"]

@@ -81,6 +81,8 @@ def run_study(source: str, lambdas: list[float] | None, modes: list[str], out: P
     for u, r in zip(units, results):
         by_n.setdefault(str(u["samples_per_client"]), []).append(r)
     study = summarize(by_n, source=source, seeds=seeds)
+    study["note"] = results[0].get("note", "")
+    study["settings"] = results[0].get("settings", {})
     out.mkdir(parents=True, exist_ok=True)
     (out / "study.json").write_text(json.dumps(study, indent=1))
     (out / "study.md").write_text(study_markdown(study))
@@ -224,6 +226,7 @@ def _pm(m: float, h: float, unit: str = "%", signed: bool = True, digits: int = 
 def study_markdown(study: dict) -> str:
     seeds = study["seeds"]
     lines = [f"# Federated neural compression study: {study['source']}", "",
+             *([f"Source: {study['note']}.", ""] if study.get("note") else []),
              f"Seeds {', '.join(map(str, seeds))} ({len(seeds)}); means ± 95% confidence half-widths (Student's t "
              "over seeds). BD-rate per client: each client's own curves, averaged over the clients of a seed. "
              "Negative: the second mode needs fewer bits at equal PSNR.", ""]
