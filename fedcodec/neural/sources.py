@@ -249,9 +249,12 @@ def fashion_mnist_source(data_dir: str | None = None, samples_per_client: int = 
     train_sets = take(src.train_x, src.train_y, samples_per_client, "fashion-mnist train")
     test_sets = take(src.test_x, src.test_y, n_test, "fashion-mnist test")
     return NeuralSource("fashion-mnist", train_sets[:10], test_sets[:10], train_sets[10:], test_sets[10:],
-                        NTCConfig("image", 1, latent=16, hidden=32, downs=2), (30.0, 100.0, 300.0, 1000.0),
+                        NTCConfig("image", 1, latent=16, hidden=32, downs=2), (10.0, 30.0, 100.0, 300.0, 1000.0),
                         rate_unit="bpp",
-                        defaults={"rounds": 20, "local_epochs": 1, "batch_size": 32, "lr": 2e-3},
+                        # about as many local steps with few samples as with 600 (20 rounds of 19 batches):
+                        # 25 samples per client → 400 rounds of one batch
+                        defaults={"rounds": min(400, max(20, math.ceil(20 * 600 / samples_per_client))),
+                                  "local_epochs": 1, "batch_size": 32, "lr": 2e-3},
                         note="label skew: each client holds two neighbouring classes, no image held twice")
 
 
