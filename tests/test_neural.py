@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import struct
 
@@ -177,9 +178,10 @@ def test_round_evaluation_is_each_clients_own_codec_on_its_test_data():
     from fedcodec.fl.simulation import run_round
 
     state = run_round(sim, state)
+    assert sim.runtime.model.cfg.offsets  # the trainer's default: each client rounds around its own medians
     rates, mses = [], []
     for c in range(src.num_clients):
-        m = build_ntc(src.model, 0).eval()
+        m = build_ntc(dataclasses.replace(src.model, offsets=True), 0).eval()
         m.load_state_dict({**state.global_params, **sim.runtime.local_tensors(state.client_states[c])})
         coder, x = Coder(m, None), src.test[c]
         sym = coder.quantize(x)
