@@ -16,3 +16,13 @@ def two_torch_threads():
     torch.set_num_threads(2)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Run the test with 1 torch thread, then restore the count (tiny tensors: one thread is faster
+    than several contending ones, and what it computes does not depend on the machine's cores)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -17,17 +17,11 @@ from fedcodec.neural.entropy import OFFSET_GRID, SUPPORT, FactorizedPrior
 from fedcodec.neural.federated import Trained
 from fedcodec.neural.models import NTCConfig, build_ntc
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """Tiny tensors: one thread is faster than several contending ones."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 VEC = NTCConfig("vector", 4, latent=2, hidden=8)
-VEC_OFF = dataclasses.replace(VEC, offsets=True)
+VEC_OFFSETS = dataclasses.replace(VEC, offsets=True)
 
 
 def _data(rows: int = 500) -> np.ndarray:
@@ -89,7 +83,7 @@ def test_medians_follow_an_exact_shift_of_the_density():
 
 # ------------------------------------------------------------------------------------- round trips
 def test_offsets_round_trip_to_the_offset_reconstruction_and_cost_what_they_estimate():
-    model = build_ntc(VEC_OFF, 0).eval()
+    model = build_ntc(VEC_OFFSETS, 0).eval()
     coder = Coder.of(model)
     med = model.prior.medians()
     assert coder.tables.offsets is not None and np.array_equal(coder.tables.offsets, med)
@@ -124,13 +118,13 @@ def test_offsets_off_is_todays_integer_grid_byte_for_byte():
     with torch.no_grad():
         assert np.array_equal(coder.quantize(xt), torch.round(model.g_a(xt)).to(torch.int64).numpy())
     # the transforms do not depend on the switch; only the entropy model's fingerprint does
-    on = build_ntc(VEC_OFF, 0).eval()
+    on = build_ntc(VEC_OFFSETS, 0).eval()
     assert on.transform_fingerprint() == model.transform_fingerprint()
     assert Coder.of(on).tables.fingerprint != coder.tables.fingerprint
 
 
 def test_a_file_does_not_decode_on_the_other_grid():
-    on, off = build_ntc(VEC_OFF, 0).eval(), build_ntc(VEC, 0).eval()
+    on, off = build_ntc(VEC_OFFSETS, 0).eval(), build_ntc(VEC, 0).eval()
     x = _data(50)
     with pytest.raises(CodecFileError) as err:
         Coder.of(off).decompress(Coder.of(on).compress(x))
@@ -139,7 +133,7 @@ def test_a_file_does_not_decode_on_the_other_grid():
         Coder.of(on).decompress(Coder.of(off).compress(x))
     assert err.value.reason == "entropy-mismatch"
     # other offsets (a shifted prior): refused too
-    other = build_ntc(VEC_OFF, 0).eval()
+    other = build_ntc(VEC_OFFSETS, 0).eval()
     with torch.no_grad():
         other.prior.biases[0].sub_(F.softplus(other.prior.matrices[0]) * 0.25)
     assert not np.array_equal(other.prior.medians(), on.prior.medians())
@@ -150,7 +144,7 @@ def test_a_file_does_not_decode_on_the_other_grid():
 
 def test_estimates_without_tables_use_the_models_offsets():
     """NTCTask.evaluate codes nothing (``Coder(model, None)``): the offsets still apply."""
-    model = build_ntc(VEC_OFF, 0).eval()
+    model = build_ntc(VEC_OFFSETS, 0).eval()
     full, bare = Coder.of(model), Coder(model, None)
     assert np.array_equal(bare.offsets, full.offsets)
     xt = torch.from_numpy(_data())
@@ -163,7 +157,7 @@ def test_estimates_without_tables_use_the_models_offsets():
 
 # ------------------------------------------------------------------------------------ saved codecs
 def test_the_switch_survives_parse_and_saving(tmp_path):
-    assert NTCConfig.parse(dict(VEC_OFF.__dict__)) == VEC_OFF
+    assert NTCConfig.parse(dict(VEC_OFFSETS.__dict__)) == VEC_OFFSETS
     assert NTCConfig.parse({"kind": "vector", "dim": 4, "latent": 2, "hidden": 8}) == VEC  # codecs saved before
     assert NTCConfig.parse({**VEC.__dict__, "offsets": False}).offsets is False
     for bad in (1, 0, "yes", None, 1.0):
@@ -171,13 +165,13 @@ def test_the_switch_survives_parse_and_saving(tmp_path):
             NTCConfig.parse({**VEC.__dict__, "offsets": bad})
     with pytest.raises(ConfigError, match="offsets"):
         dataclasses.replace(VEC, offsets=1).validate()
-    model = build_ntc(VEC_OFF, 0)
+    model = build_ntc(VEC_OFFSETS, 0)
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     local = {k: v for k, v in state.items() if k.startswith("prior.")}
     shared = {k: v for k, v in state.items() if k not in local}
-    Trained(VEC_OFF, "federated", 1.0, shared, [local], [], 0, 0).save(tmp_path / "codec.safetensors")
+    Trained(VEC_OFFSETS, "federated", 1.0, shared, [local], [], 0, 0).save(tmp_path / "codec.safetensors")
     loaded = Trained.load(tmp_path / "codec.safetensors")
-    assert loaded.model_cfg == VEC_OFF
+    assert loaded.model_cfg == VEC_OFFSETS
     x = _data(50)
     blob = Coder.of(model.eval()).compress(x)
     back, _ = Coder.of(loaded.model(0)).decompress(blob)
