@@ -50,7 +50,6 @@ training with :func:`fit_prior`.
 from __future__ import annotations
 
 import copy
-import dataclasses
 import json
 import math
 from dataclasses import dataclass, field, replace
@@ -71,7 +70,6 @@ from ..fl.task import TaskLoss
 from ..safetensors_header import load_tensors, read_header
 from .codec import Coder
 from .models import NTC, PRIOR_PREFIX, NTCConfig, NTCTask, build_ntc, ntc_shapes
-
 from .sources import NeuralSource
 
 MODES = ("federated", "global", "local", "oracle")
@@ -123,10 +121,8 @@ class Settings:
 
 
 def model_config(src: NeuralSource, s: Settings) -> NTCConfig:
-    """The source's architecture with the settings' ``offsets`` (where the architecture has them)."""
-    if "offsets" in {f.name for f in dataclasses.fields(src.model)}:
-        return replace(src.model, offsets=s.offsets)
-    return src.model
+    """The source's architecture with the settings' ``offsets``."""
+    return replace(src.model, offsets=s.offsets)
 
 
 def split_data(src: NeuralSource, s: Settings) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
