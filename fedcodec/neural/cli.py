@@ -27,11 +27,15 @@ def add_parser(sub) -> None:
                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     t.add_argument("--source", choices=SOURCES, default="synthetic")
     t.add_argument("--lambdas", help="comma-separated λ values (loss = rate + λ·MSE); default: the source's sweep")
-    t.add_argument("--modes", default="federated,global,local", help="which trainings to run")
+    t.add_argument("--modes", default="federated,global,local",
+                   help="which trainings to run: federated (shared transforms, personal entropy models), global "
+                        "(everything shared), local (each client alone), oracle (transforms trained on all "
+                        "clients' data pooled, personal entropy models: a ceiling, not deployable)")
     t.add_argument("--rounds", type=int, help="federated rounds (default: the source's)")
     t.add_argument("--local-epochs", type=int)
     t.add_argument("--batch-size", type=int)
-    t.add_argument("--lr", type=float, help="Adam learning rate")
+    t.add_argument("--lr", type=float, help="Adam learning rate (local and oracle modes, the local-adam trainer, and "
+                                            "the entropy model's Adam times --prior-lr-scale)")
     t.add_argument("--optimizer-state", choices=("keep", "reset"), default="keep",
                    help="keep: each client's Adam moments carry over from round to round (in its own store, "
                         "never sent); reset: Adam starts afresh every round")
