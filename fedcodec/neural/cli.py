@@ -145,20 +145,10 @@ def _check_npy(path: Path) -> None:
     may hold, or more bytes than the file has, before numpy allocates the declared array."""
     import math
 
-    from numpy.lib import format as npy
-
+    from ..files import npy_header
     from .codec import MAX_ELEMENTS
 
-    try:
-        with path.open("rb") as f:
-            version = npy.read_magic(f)
-            if version not in ((1, 0), (2, 0)):
-                raise ConfigError(f"{path}: .npy format version {version} is not supported (1.0 or 2.0)")
-            read = npy.read_array_header_1_0 if version == (1, 0) else npy.read_array_header_2_0
-            shape, _, dtype = read(f)
-            data_bytes = path.stat().st_size - f.tell()
-    except (ValueError, OSError, EOFError) as err:
-        raise ConfigError(f"{path} is not a plain .npy array: {err}") from None
+    shape, dtype, data_bytes = npy_header(path)
     n = math.prod(shape)
     if dtype.hasobject or n > MAX_ELEMENTS or n * dtype.itemsize > data_bytes:
         raise ConfigError(f"{path}: its header declares {dtype} of shape {shape}; expected a numeric array of at "

@@ -287,23 +287,9 @@ def photo_source(folder: str | None = None, crops: int = 384, size: int = 32, ho
 def _npy_header(path: Path) -> tuple[int, int]:
     """``(n, d)`` of a float32 ``.npy`` array of shape ``(n, d)``, from its header alone; every other
     header raises :class:`ConfigError` naming ``path`` and saying how to fix it."""
-    from numpy.lib import format as npy
+    from ..files import npy_header
 
-    try:
-        with path.open("rb") as f:
-            try:
-                version = npy.read_magic(f)
-            except ValueError:
-                raise ConfigError(f"{path} is not a .npy file (no .npy magic string); write it with "
-                                  "np.save(path, x)") from None
-            if version not in ((1, 0), (2, 0)):
-                raise ConfigError(f"{path}: .npy format version {version} is not supported (1.0 or 2.0); "
-                                  "write it with np.save(path, x)")
-            read = npy.read_array_header_1_0 if version == (1, 0) else npy.read_array_header_2_0
-            shape, _, dtype = read(f)
-            data_bytes = path.stat().st_size - f.tell()
-    except (ValueError, OSError, EOFError) as err:
-        raise ConfigError(f"{path} is not a readable .npy file: {err}") from None
+    shape, dtype, data_bytes = npy_header(path)
     if dtype.hasobject:
         raise ConfigError(f"{path} holds Python objects (dtype {dtype}), which are never loaded; save a "
                           "float32 array: np.save(path, np.asarray(x, dtype=np.float32))")
