@@ -40,7 +40,7 @@ def test_flower_app_declares_exactly_the_run_config_keys():
     assert set(declared) == set(RUN_CONFIG_KEYS)
     assert set(RUN_CONFIG_KEYS) == ({k.replace("_", "-") for k in CONFIG_KEYS}
                                     | {"corrupt-partition", "round-timeout", "straggler-timeout", "node-wait",
-                                       "resume"})
+                                       "resume", "neural"})
     for name, value in declared.items():  # each declared default is a valid value of its key
         coerce(name, value, keys=RUN_CONFIG_KEYS, what="run-config key")
     cfg, settings = parse_run_config(declared)

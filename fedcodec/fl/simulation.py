@@ -80,6 +80,9 @@ class Simulation:
     runtime: ClientRuntime
     parts: list[torch.Tensor]
     training: LocalTraining
+    #: False where the clients' stores live elsewhere (Flower's SuperNodes): a model with client-local
+    #: tensors (a personalized entropy model) then cannot be evaluated here (:meth:`evaluate_round`)
+    client_stores_here: bool = True
 
     @property
     def spec(self) -> ModelSpec:
@@ -112,8 +115,11 @@ class Simulation:
         """One evaluation of the global model ``params``: the uplink's algorithm says which weights
         to evaluate (FedPM samples a mask), the task evaluates them (with each client's store at
         hand, for tasks whose clients evaluate with their own local tensors). Returns the record
-        entries."""
+        entries: none for a model with client-local tensors when the clients' stores are not here
+        (``client_stores_here``; on Flower the nodes evaluate such a model themselves)."""
         runtime = self.runtime
+        if runtime.local and not self.client_stores_here:
+            return {}
         weights = runtime.uplink.algorithm.eval_params(params, self.spec, rngs.derive_seed(self.cfg.seed, rngs.EVAL))
         return runtime.task.evaluate(runtime, weights, state.client_states)
 

@@ -17,6 +17,10 @@ Messages (Message API):
   the MetricRecord (the server takes a missing loss as NaN and refuses non-finite numbers). The
   message format is :mod:`fedcodec.flower.transport`'s.
 
+- ``evaluate`` (learned-compression runs only, run config ``neural``) with ``ConfigRecord {"broadcast",
+  "round", "client"}`` → ``ConfigRecord {"client"}`` plus ``MetricRecord {"rate", "rate-est", "mse",
+  "bytes", "examples"}``: the node codes its test data with its own entropy model, which stays here.
+
 Test hook: a SuperNode started with ``--node-config '... fedcodec-test-garbage=true'`` answers every
 train message with a malformed reply (a different defect each round), as a broken or hostile node
 would; the ServerApp must count it as failed and carry on.
@@ -36,7 +40,7 @@ import time
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from .common import METRICS, RECORD, SIMULATE_DROPOUT, ensure_logging, parse_run_config
+from .common import METRICS, RECORD, SIMULATE_DROPOUT, build_simulation, ensure_logging, parse_run_config
 
 log = logging.getLogger("fedcodec.flower.client")
 app = ClientApp()
@@ -63,21 +67,14 @@ def partition_of(context: Context) -> tuple[int, int | None]:
 
 
 def _simulation(context: Context):
-    """The client's view of the run: ``fedcodec.fl.simulation.setup`` on the same config, so the
-    model, codecs and data partition are those of the in-process engine."""
+    """The client's view of the run: the same simulation the ServerApp builds
+    (:func:`fedcodec.flower.common.build_simulation`: classification or a learned compressor), so
+    the model, codecs and data partition are those of the in-process engine."""
     cfg, settings = parse_run_config(context.run_config)
-    key = json.dumps(cfg.to_dict(), sort_keys=True, default=str)
+    key = json.dumps([cfg.to_dict(), settings.neural], sort_keys=True, default=str)
     if key not in _CACHE:
-        import torch
-
-        from ..data import load_dataset
-        from ..fl.simulation import setup
-
-        if cfg.threads:
-            torch.set_num_threads(cfg.threads)
-        source = load_dataset(cfg.dataset, cfg.data_dir, allow_subset=cfg.allow_subset)
         _CACHE.clear()
-        _CACHE[key] = setup(cfg, source)[0]
+        _CACHE[key] = build_simulation(cfg, settings)[0]
     return _CACHE[key], settings
 
 
@@ -142,6 +139,41 @@ def train(msg: Message, context: Context) -> Message:
                               | {k: v for k, v in numbers.items() if math.isfinite(v)}),
     })
     return Message(content, reply_to=msg)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    """The final evaluation of a learned-compression run (run config ``neural``): the client takes
+    in the final shared tensors, codes its own test data with its own entropy model (which never
+    leaves this node) and answers with numbers only: ``MetricRecord {"rate", "rate-est", "mse",
+    "bytes", "examples"}`` (:func:`fedcodec.neural.deploy.evaluate_client`)."""
+    ensure_logging()
+    from ..fl.downlink import DownlinkError
+    from ..neural.deploy import evaluate_client
+
+    pid, _ = partition_of(context)
+    sim, settings = _simulation(context)
+    if not settings.neural:
+        raise ValueError("evaluate messages belong to learned-compression runs (run config 'neural'); "
+                         "a classification run is evaluated by the ServerApp")
+    rec = msg.content[RECORD]
+    round_num, client, broadcast = rec.get("round"), rec.get("client"), rec.get("broadcast")
+    if not (isinstance(round_num, int) and isinstance(client, int) and isinstance(broadcast, bytes)):
+        raise ValueError("an evaluate message needs round (int), client (int) and broadcast (bytes)")
+    if client != pid:
+        raise ValueError(f"message for client {client} reached the node holding partition {pid}")
+    store = context.state[STATE].to_torch_state_dict() if STATE in context.state else {}
+    try:
+        point = evaluate_client(sim, broadcast, round_num, pid, store)
+    except DownlinkError as err:
+        log.warning("evaluation: %s", err)
+        return Message(RecordDict({RECORD: ConfigRecord({"client": pid, "refused-broadcast": err.reason,
+                                                         "detail": err.detail})}), reply_to=msg)
+    if store:
+        context.state[STATE] = ArrayRecord(torch_state_dict=store)
+    log.info("evaluation, client %d: %d test samples in %d bytes (%.4g per unit), MSE %.4g", pid,
+             point["examples"], point["bytes"], point["rate"], point["mse"])
+    return Message(RecordDict({RECORD: ConfigRecord({"client": pid}), METRICS: MetricRecord(point)}), reply_to=msg)
 
 
 def garbage_reply(msg: Message, pid: int, round_num: int) -> Message:

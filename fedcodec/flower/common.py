@@ -18,8 +18,9 @@ from typing import Any, Mapping
 
 from ..config import CONFIG_KEYS, Config, build_config, coerce, describe, option_value, setting
 
-#: message types (Flower routes ``train`` to ``@app.train()``, ``query`` to ``@app.query()``)
-TRAIN, QUERY = "train", "query"
+#: message types (Flower routes ``train`` to ``@app.train()``, ``query`` to ``@app.query()``,
+#: ``evaluate`` to ``@app.evaluate()``: the final evaluation of a learned-compression run)
+TRAIN, QUERY, EVALUATE = "train", "query", "evaluate"
 #: record names inside a message's RecordDict
 RECORD, METRICS = "fedcodec", "metrics"
 #: the ``simulate`` field of a train message: the config's simulated failures, acted out by the client
@@ -39,6 +40,9 @@ class FlowerSettings:
     node_wait: float = setting(120.0, "seconds the ServerApp waits for num-clients SuperNodes to connect",
                                at_least=0)
     resume: bool = setting(False, "continue from out-dir/checkpoint.safetensors (a restarted ServerApp)")
+    neural: str = setting("", "train a learned data compressor instead of a classifier: space-separated options, "
+                          "e.g. \"source=clusters lambda=300 samples_per_client=30\" (fedcodec.neural.deploy); "
+                          "\"\" = classification")
 
     def __post_init__(self):
         for name in ("round_timeout", "straggler_timeout"):
@@ -64,6 +68,24 @@ def parse_run_config(run_config: Mapping[str, Any]) -> tuple[Config, FlowerSetti
             (flower if field in describe(FlowerSettings) else config)[field] = value
     config["codec_options"] = {**config.get("codec_options", {}), **codec}
     return build_config(None, None, config), FlowerSettings(**flower)
+
+
+def build_simulation(cfg: Config, settings: FlowerSettings):
+    """The run's simulation and initial state, built alike on the ServerApp and every SuperNode:
+    a learned compressor's (``settings.neural``, :class:`fedcodec.neural.deploy.NeuralRun`) or the
+    classification run of ``cfg`` (:func:`fedcodec.fl.simulation.setup`)."""
+    import torch
+
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    if settings.neural:
+        from ..neural.deploy import NeuralRun
+
+        return NeuralRun.parse(settings.neural).simulation(cfg)
+    from ..data import load_dataset
+    from ..fl.simulation import setup
+
+    return setup(cfg, load_dataset(cfg.dataset, cfg.data_dir, allow_subset=cfg.allow_subset))
 
 
 def run_config_items(cfg_overrides: Mapping[str, Any]) -> list[str]:

@@ -30,7 +30,10 @@ class InProcessGrid(Grid):
     ``tamper(node, reply)`` may replace a reply before the server sees it (a hostile node). Replies
     come back sorted by node id, so aggregation order is fixed. ``sizes`` records each message's wire
     size as ``(node, direction, message_type, bytes)``; ``phases`` each ``send_and_receive`` call as
-    ``(message_type, replies)``."""
+    ``(message_type, replies)``; ``received`` every reply as ``(message_type, reply)``. Besides the
+    Strategy API's ``send_and_receive``, ``push_messages``/``pull_messages`` (what fedcodec's own
+    ServerApp uses) answer each pushed message at once, so a whole ``fedcodec.flower.server_app``
+    run fits in one process."""
 
     def __init__(self, client_app, num_nodes: int, run_config: dict,
                  tamper: Callable[[int, Message], Message] | None = None):
@@ -43,6 +46,9 @@ class InProcessGrid(Grid):
         self.tamper = tamper
         self.sizes: list[tuple[int, str, str, int]] = []
         self.phases: list[tuple[str, list[Message]]] = []  # each call's replies, as the server received them
+        self.received: list[tuple[str, Message]] = []  # every reply the server got: (message type, reply)
+        self._pushed = 0
+        self._waiting: dict[str, Message] = {}
 
     def set_run(self, run) -> None:
         pass
@@ -57,25 +63,37 @@ class InProcessGrid(Grid):
     def get_node_ids(self) -> Iterable[int]:
         return list(self.nodes)
 
-    def push_messages(self, messages):
-        raise NotImplementedError
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        """Deliver each message at once (its reply waits for :meth:`pull_messages`); message ids are
+        ``m1``, ``m2``, ... in push order."""
+        ids = []
+        for msg in messages:
+            self._pushed += 1
+            msg.metadata.__dict__["_message_id"] = f"m{self._pushed}"
+            ids.append(msg.metadata.message_id)
+            self._waiting[msg.metadata.message_id] = self._answer(msg)
+        return ids
 
-    def pull_messages(self, message_ids):
-        raise NotImplementedError
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        return [self._waiting.pop(mid) for mid in list(message_ids) if mid in self._waiting]
+
+    def _answer(self, msg: Message) -> Message:
+        node, kind = msg.metadata.dst_node_id, msg.metadata.message_type
+        received, size = wire(msg)
+        self.sizes.append((node, "down", kind, size))
+        reply = self.app(received, self.contexts[node])
+        if self.tamper is not None:
+            reply = self.tamper(node, reply)
+        reply, size = wire(reply)
+        self.sizes.append((node, "up", kind, size))
+        self.received.append((kind, reply))
+        return reply
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
         replies, kind = [], ""
         for msg in messages:
-            node = msg.metadata.dst_node_id
             kind = msg.metadata.message_type
-            received, size = wire(msg)
-            self.sizes.append((node, "down", kind, size))
-            reply = self.app(received, self.contexts[node])
-            if self.tamper is not None:
-                reply = self.tamper(node, reply)
-            reply, size = wire(reply)
-            self.sizes.append((node, "up", kind, size))
-            replies.append(reply)
+            replies.append(self._answer(msg))
         replies.sort(key=lambda m: m.metadata.src_node_id)
         self.phases.append((kind, replies))
         return replies

@@ -48,7 +48,7 @@ from flwr.serverapp import Grid
 
 from ..fl.downlink import refusal_reason
 from ..fl.loop import DROPPED, OK, TIMED_OUT, Reply, RoundPlan
-from .common import (METRICS, QUERY, RECORD, SIMULATE_DROPOUT, SIMULATE_NONE, SIMULATE_STRAGGLER, TRAIN,
+from .common import (EVALUATE, METRICS, QUERY, RECORD, SIMULATE_DROPOUT, SIMULATE_NONE, SIMULATE_STRAGGLER, TRAIN,
                      FlowerSettings)
 
 log = logging.getLogger("fedcodec.flower.server")
@@ -306,3 +306,64 @@ def read_reply(client: int, answer: Message | None, node: int | None = None, lat
         codec[name] = float(value)
     return Reply(client, TIMED_OUT if late else OK, payload=payload, setup=setup, num_examples=examples,
                  train_loss=float(loss), metrics=codec, reason="simulated straggler" if late else "")
+
+
+def evaluate_on_nodes(grid: Grid, sim, state, holders: dict[int, int],
+                      settings: FlowerSettings) -> tuple[dict[int, dict], dict[int, str], int]:
+    """The final evaluation of a learned-compression run (run config ``neural``): every client a
+    node holds gets the final shared tensors as an ``evaluate`` message (encoded by the run's
+    downlink, as round ``state.round + 1``'s broadcast) and answers with the numbers of
+    :func:`fedcodec.neural.deploy.evaluate_client`. Returns ``({client: point}, {client: why it
+    failed}, downlink bytes sent)``. Replies are untrusted like train replies: an error, a missing or
+    mistyped field, a reply from another node or naming another client, a number that is not finite
+    and non-negative, or a test-set size other than the client's fails that client (logged), never the run."""
+    from ..neural.deploy import check_point
+
+    targets = sorted(c for c in range(sim.cfg.num_clients) if c in holders)
+    round_num = state.round + 1
+    down, _ = sim.runtime.downlink.send(state.global_params, round_num, targets, state.server_states)
+    msgs = [Message(RecordDict({RECORD: ConfigRecord({"broadcast": down[c], "round": round_num, "client": c})}),
+                    dst_node_id=holders[c], message_type=EVALUATE, group_id="evaluate") for c in targets]
+    problems: dict[int, str] = {}
+    answers = collect(grid, msgs, len(msgs), settings.round_timeout, None, problems=problems)
+    points: dict[int, dict] = {}
+    failed: dict[int, str] = {c: "no SuperNode holds this partition" for c in range(sim.cfg.num_clients)
+                              if c not in holders}
+    for i, (c, answer) in enumerate(zip(targets, answers)):
+        why = problems.get(i)
+        if why is None:
+            try:
+                point, why = _evaluation_of(c, answer, holders[c], len(sim.runtime.task.test[c]), check_point)
+            except Exception as err:  # a reply nobody foresaw must not end the run
+                point, why = None, f"unreadable reply ({type(err).__name__}: {_short(str(err))})"
+        if why is None:
+            points[c] = point
+        else:
+            log.warning("evaluation: client %d (node %d) left out: %s", c, holders[c], why)
+            failed[c] = why
+    return points, dict(sorted(failed.items())), sum(len(b) for b in down.values())
+
+
+def _evaluation_of(client: int, answer, node: int, examples: int, check_point) -> tuple[dict | None, str | None]:
+    if answer is None:
+        return None, "no reply before the deadline"
+    if not isinstance(answer, Message):
+        return None, f"the reply is a {type(answer).__name__}, not a Message"
+    if answer.has_error():
+        return None, _error_text(answer)
+    if answer.metadata.src_node_id != node:
+        return None, f"the reply came from node {_short(answer.metadata.src_node_id)}; partition {client} is " \
+                     f"bound to node {node}"
+    if not answer.has_content():
+        return None, "the reply has neither content nor an error"
+    rec = answer.content.config_records.get(RECORD)
+    if not isinstance(rec, ConfigRecord):
+        return None, f"the reply holds no ConfigRecord {RECORD!r}"
+    if rec.get("client") != client or not _int(rec.get("client")):
+        return None, f"the reply names client {_short(rec.get('client'))}"
+    if "refused-broadcast" in rec:
+        return None, refusal_reason(str(rec["refused-broadcast"])[:40], str(rec.get("detail", ""))[:200])
+    metrics = answer.content.metric_records.get(METRICS)
+    if not isinstance(metrics, MetricRecord):
+        return None, f"the reply holds no MetricRecord {METRICS!r}"
+    return check_point(metrics, examples)
