@@ -346,12 +346,20 @@ def _cmd_flower(args) -> int:
         if getattr(args, key, None) is not None:
             values[key] = getattr(args, key)
     items = run_config_items(values)
+    given = {}
     for item in args.set:
         key, value = split_assignment(item)
         key, value = key.replace("_", "-"), parse_scalar(value)
         if not key.startswith("codec."):  # checked here as the apps will, before anything starts
-            coerce(key, value, keys=RUN_CONFIG_KEYS, what="run-config key")
+            given[key] = coerce(key, value, keys=RUN_CONFIG_KEYS, what="run-config key")[1]
         items += run_config_items({key: value})
+    if given.get("neural"):  # a learned-compression run: its source decides the clients, one node each
+        from .neural.deploy import NeuralRun
+
+        clients = NeuralRun.parse(given["neural"]).num_clients(given.get("data-dir"), given.get("seed") or 0)
+        if clients != args.nodes:
+            raise ConfigError(f"this learned-compression source has {clients} clients: start one SuperNode "
+                              f"each with --nodes {clients}")
     fed = LocalFederation(args.nodes, workdir=args.workdir, simulation=args.mode == "simulate",
                           insecure=args.insecure)
     try:

@@ -73,6 +73,14 @@ def test_neural_options_are_parsed_and_checked():
             NeuralRun.parse(text)
 
 
+def test_flower_command_checks_the_node_count_of_a_learned_compression_run(capsys):
+    from fedcodec.cli import main
+
+    assert main(["flower", "deploy-local", "--nodes", "3", "--set", "neural=source=clusters lambda=100"]) == 2
+    assert "has 10 clients: start one SuperNode each with --nodes 10" in capsys.readouterr().err
+    assert NeuralRun.parse("source=synthetic").num_clients() == 10
+
+
 def test_node_evaluation_replies_are_checked():
     good = {"rate": 3.5, "rate-est": 3.4, "mse": 0.01, "bytes": 120, "examples": 50}
     assert check_point(good, 50) == (good, None)

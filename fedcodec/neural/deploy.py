@@ -109,6 +109,11 @@ class NeuralRun:
                           samples_per_client=self.samples_per_client, alpha=self.alpha)
         return build_simulation(src, self.mode, self.lmbda, self.settings(cfg, src))
 
+    def num_clients(self, data_dir: str | None = None, seed: int = 0) -> int:
+        """How many clients (SuperNodes) the source has."""
+        return load_source(self.source, data_dir, seed=seed, samples_per_client=self.samples_per_client,
+                           alpha=self.alpha).num_clients
+
     def describe(self) -> dict[str, Any]:
         """The options as they were set (for metrics.json): unset ones left out."""
         return {("lambda" if f.name == "lmbda" else f.name): getattr(self, f.name) for f in fields(self)
