@@ -99,3 +99,41 @@ def test_cli_lists_and_seeds_are_checked():
     for bad in ("10,x", "0,1", "nan", "inf"):
         with pytest.raises(ConfigError, match="--lambdas"):
             _floats(bad, "--lambdas")
+
+
+def test_combine_makes_one_study_from_folders_of_units(tmp_path):
+    """`fedcodec neural study`: units of two commands (one per sample size) as one study, curves cut to
+    the λ asked for; bad folders and files are refused with a reason."""
+    import json
+
+    from fedcodec.neural.study import combine
+
+    def write(folder, n, seed, result):
+        path = tmp_path / folder / f"n{n}" / f"seed{seed}" / "results.json"
+        path.parent.mkdir(parents=True)
+        path.write_text(json.dumps({"source": "toy", **result}))
+
+    for seed in (0, 1):
+        write("a", 10, seed, sweep({"local": [1, 1], "federated": [0.5, 0.5]}))
+        big = sweep({"local": [1, 1], "federated": [2.0, 2.0]})
+        big["curves"]["1000"] = {"federated": {**point(99.0, 30.0), "clients": [point(99.0, 30.0)] * 2}}
+        write("b", 100, seed, big)
+    study = combine([tmp_path / "a", tmp_path / "b"], tmp_path / "out", lambdas=list(LAMS))
+    assert list(study["by_samples"]) == ["10", "100"] and study["units"] == {"10": [0, 1], "100": [0, 1]}
+    by = study["by_samples"]
+    assert by["10"]["comparisons"]["local -> federated"]["per_client_mean"] == pytest.approx(-50.0)
+    assert by["100"]["comparisons"]["local -> federated"]["per_client_mean"] == pytest.approx(100.0)
+    assert [r["lmbda"] for r in by["100"]["J"]["federated"]] == list(LAMS)  # λ 1000 cut
+    # BD −50% at 10, +100% at 100: the crossover is a third of the way in log n (0 = −50 + 150·f)
+    assert study["crossover"]["n_star"] == pytest.approx(10 ** (1 + 1 / 3))
+    assert (tmp_path / "out" / "bd-vs-n.png").stat().st_size > 0 and "n* ≈ 22" in (tmp_path / "out" /
+                                                                                       "study.md").read_text()
+    with pytest.raises(ConfigError, match="in two of the folders"):
+        combine([tmp_path / "a", tmp_path / "a"], tmp_path / "out")
+    with pytest.raises(ConfigError, match="holds no study units"):
+        combine([tmp_path / "out"], tmp_path / "out")
+    with pytest.raises(ConfigError, match="none of the λ values"):
+        combine([tmp_path / "a"], tmp_path / "out", lambdas=[7.0])
+    (tmp_path / "a" / "n10" / "seed1" / "results.json").write_text("{not json")
+    with pytest.raises(ConfigError, match="not a sweep's results.json"):
+        combine([tmp_path / "a"], tmp_path / "out")

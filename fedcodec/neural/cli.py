@@ -74,6 +74,16 @@ def add_parser(sub) -> None:
     t.add_argument("--out", help="output folder (default runs/neural/<source>)")
     t.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     t.add_argument("--no-progress", action="store_true")
+    st = nsub.add_parser("study", help="one study from units trained before (several folders, e.g. one per "
+                                       "sample size): study.md, study.json, rd-ci.png, bd-vs-n.png",
+                         description="Summarise every <folder>/n<N>/seed<S>/results.json of studies made by "
+                                     "'fedcodec neural train --seeds ...' as one study (BD-rates per client with "
+                                     "95%% confidence intervals over seeds, J per λ, the crossover n*), without "
+                                     "training anything.",
+                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    st.add_argument("folders", nargs="+", help="study output folders (each holding n<N>/seed<S>/)")
+    st.add_argument("--out", required=True, help="where study.md, study.json and the plots go")
+    st.add_argument("--lambdas", help="only these comma-separated λ values (default: every λ of the units)")
     for name, verb in (("compress", "file (.png/.jpg image or .npy array) → .fcn"),
                        ("decompress", ".fcn → .png image or .npy array")):
         c = nsub.add_parser(name, help=f"{verb} with one client's codec",
@@ -187,6 +197,14 @@ def run(args) -> int:
                            samples_per_client=samples[0], alpha=args.alpha, seed=args.seed, **settings)
         print((out / "results.md").read_text())
         print(f"fedcodec: {len(result['curves'])} λ values; results in {out}/results.md, plot {out}/rd.png")
+        return 0
+    if args.neural_command == "study":
+        from .study import combine
+
+        out = Path(args.out)
+        study = combine([Path(f) for f in args.folders], out, _floats(args.lambdas, "--lambdas") or None)
+        print((out / "study.md").read_text())
+        print(f"fedcodec: {sum(len(u) for u in study['units'].values())} units; summary in {out}/study.md")
         return 0
     coder = _coder(args)
     src, dst = Path(args.input), Path(args.output)

@@ -92,6 +92,81 @@ def run_study(source: str, lambdas: list[float] | None, modes: list[str], out: P
     return study
 
 
+#: a unit's results.json read by :func:`combine` is at most this large
+MAX_RESULTS_BYTES = 64 << 20
+
+
+def _load_unit(path: Path, lambdas: set[float] | None) -> dict:
+    """One unit's ``results.json``, checked for the shape :func:`summarize` reads, its curves cut to
+    ``lambdas`` (all: None)."""
+    def fail(why: str) -> ConfigError:
+        return ConfigError(f"{path} is not a sweep's results.json ({why}); rerun its 'fedcodec neural train'")
+
+    if path.stat().st_size > MAX_RESULTS_BYTES:
+        raise fail(f"larger than {MAX_RESULTS_BYTES >> 20} MiB")
+    try:
+        result = json.loads(path.read_text())
+    except (ValueError, RecursionError, UnicodeDecodeError) as err:
+        raise fail(f"not JSON: {str(err)[:60]}") from None
+    if not (isinstance(result, dict) and isinstance(result.get("curves"), dict) and result["curves"]
+            and isinstance(result.get("source"), str)):
+        raise fail("no source or curves")
+    curves = {}
+    for lam, entry in result["curves"].items():
+        try:
+            value = float(lam)
+        except ValueError:
+            raise fail(f"λ key {lam[:20]!r}") from None
+        if not isinstance(entry, dict):
+            raise fail(f"the entry of λ {lam} is not an object")
+        if lambdas is None or value in lambdas:
+            curves[lam] = entry
+    if not curves:
+        raise fail(f"none of the λ values {sorted(lambdas or [])} is in it")
+    return {**result, "curves": curves}
+
+
+def combine(folders: list[Path], out: Path, lambdas: list[float] | None = None) -> dict:
+    """The study of units trained before, possibly by several commands (e.g. one per sample size):
+    every ``n<N>/seed<S>/results.json`` under ``folders``, curves cut to ``lambdas``, summarised and
+    written to ``out`` as :func:`run_study` writes its own (``fedcodec neural study``). The units
+    must share one source; a (samples, seed) unit found twice is an error."""
+    wanted = None if lambdas is None else {float(v) for v in lambdas}
+    units: dict[str, dict[int, dict]] = {}
+    source = None
+    for folder in folders:
+        paths = sorted(Path(folder).glob("n*/seed*/results.json"))
+        if not paths:
+            raise ConfigError(f"{folder} holds no study units (n<N>/seed<S>/results.json)")
+        for path in paths:
+            n, seed = path.parent.parent.name[1:], path.parent.name[len("seed"):]
+            if not (n.isdigit() or n == "-default") or not seed.isdigit():
+                continue
+            result = _load_unit(path, wanted)
+            if source is not None and result["source"] != source:
+                raise ConfigError(f"{path} is a study of {result['source']!r}, the others of {source!r}")
+            source = result["source"]
+            if int(seed) in units.setdefault(n, {}):
+                raise ConfigError(f"unit n{n}/seed{seed} is in two of the folders given")
+            units[n][int(seed)] = result
+    by_n = {n: [u[s] for s in sorted(u)] for n, u in sorted(units.items(), key=lambda kv: (not kv[0].isdigit(),
+                                                                                          int(kv[0]) if kv[0].isdigit()
+                                                                                          else 0))}
+    seeds = sorted({s for u in units.values() for s in u})
+    study = summarize(by_n, source=source or "", seeds=seeds)
+    first = next(iter(by_n.values()))[0]
+    study["note"] = first.get("note", "")
+    study["settings"] = first.get("settings", {})
+    study["units"] = {n: sorted(u) for n, u in units.items()}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "study.json").write_text(json.dumps(study, indent=1))
+    (out / "study.md").write_text(study_markdown(study))
+    plot_rd(study, out / "rd-ci.png")
+    if len(by_n) > 1:
+        plot_bd_vs_n(study, out / "bd-vs-n.png")
+    return study
+
+
 # ---- statistics ------------------------------------------------------------------------------
 
 def ci95(values: list[float]) -> tuple[float, float]:
