@@ -80,14 +80,19 @@ def run_study(source: str, lambdas: list[float] | None, modes: list[str], out: P
     by_n: dict[str, list[dict]] = {}
     for u, r in zip(units, results):
         by_n.setdefault(str(u["samples_per_client"]), []).append(r)
-    study = summarize(by_n, source=source, seeds=seeds)
-    study["note"] = results[0].get("note", "")
-    study["settings"] = results[0].get("settings", {})
+    return write_study(summarize(by_n, source=source, seeds=seeds), results[0], out)
+
+
+def write_study(study: dict, first: dict, out: Path) -> dict:
+    """Write ``study`` (with the note and settings of the unit result ``first``) to ``out``:
+    study.json, study.md, rd-ci.png and, with several sample sizes, bd-vs-n.png."""
+    study["note"] = first.get("note", "")
+    study["settings"] = first.get("settings", {})
     out.mkdir(parents=True, exist_ok=True)
     (out / "study.json").write_text(json.dumps(study, indent=1))
     (out / "study.md").write_text(study_markdown(study))
     plot_rd(study, out / "rd-ci.png")
-    if len(samples) > 1:
+    if len(study["by_samples"]) > 1:
         plot_bd_vs_n(study, out / "bd-vs-n.png")
     return study
 
@@ -154,17 +159,8 @@ def combine(folders: list[Path], out: Path, lambdas: list[float] | None = None) 
                                                                                           else 0))}
     seeds = sorted({s for u in units.values() for s in u})
     study = summarize(by_n, source=source or "", seeds=seeds)
-    first = next(iter(by_n.values()))[0]
-    study["note"] = first.get("note", "")
-    study["settings"] = first.get("settings", {})
     study["units"] = {n: sorted(u) for n, u in units.items()}
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "study.json").write_text(json.dumps(study, indent=1))
-    (out / "study.md").write_text(study_markdown(study))
-    plot_rd(study, out / "rd-ci.png")
-    if len(by_n) > 1:
-        plot_bd_vs_n(study, out / "bd-vs-n.png")
-    return study
+    return write_study(study, next(iter(by_n.values()))[0], out)
 
 
 # ---- statistics ------------------------------------------------------------------------------
