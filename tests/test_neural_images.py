@@ -59,6 +59,18 @@ def test_bd_rate_ignores_point_order_and_bd_psnr_sees_a_shift():
     assert bd_psnr(RATES, PSNRS, RATES, [q + 1.5 for q in PSNRS]) == pytest.approx(1.5, abs=1e-9)
 
 
+def test_bd_rate_drops_points_the_same_curve_dominates():
+    """A point with more bits and no better PSNR than another of its curve is not an operating point:
+    the BD-rate is the one of the curve without it (here −20%, the rates' scale), not a backward bend."""
+    cheaper = [0.8 * r for r in RATES]
+    worse = max(RATES) * 3, max(PSNRS) - 0.5  # 3x the top rate at a lower PSNR than the top point
+    assert bd_rate(RATES + [worse[0]], PSNRS + [worse[1]], cheaper, PSNRS) == pytest.approx(-20.0, abs=1e-6)
+    assert bd_rate(RATES, PSNRS, cheaper + [worse[0]], PSNRS + [worse[1]]) == pytest.approx(-20.0, abs=1e-6)
+    assert bd_psnr(RATES + [worse[0]], PSNRS + [worse[1]], RATES, PSNRS) == pytest.approx(0.0, abs=1e-9)
+    with pytest.raises(ConfigError, match="at least 2 distinct"):  # one operating point left
+        bd_rate([1.0, 2.0], [30.0, 29.0], RATES, PSNRS)
+
+
 def test_bd_rate_rejects_bad_curves():
     with pytest.raises(ConfigError, match="do not overlap"):
         bd_rate(RATES, PSNRS, RATES, [q + 20 for q in PSNRS])

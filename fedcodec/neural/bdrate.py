@@ -1,6 +1,8 @@
 """Bjøntegaard delta rate and delta PSNR between two rate-distortion curves.
 
-Quality is PSNR in dB (higher is better). Each curve is fitted with a monotone piecewise cubic
+Quality is PSNR in dB (higher is better). Each curve is first cut to its operational points
+(:func:`operational`: a point with a higher rate and no better PSNR than another of the same curve
+is dropped, as a user of the codec would never pick it), then fitted with a monotone piecewise cubic
 (PCHIP) interpolant, log10(rate) as a function of PSNR for BD-rate and PSNR as a function of
 log10(rate) for BD-PSNR, and the two fits are averaged over the interval where both curves have data.
 
@@ -45,6 +47,18 @@ def _points(rate: Sequence[float], psnr: Sequence[float], label: str) -> tuple[n
     return np.log10(r), q
 
 
+def operational(log_rate: np.ndarray, psnr: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The points no other point of the same curve dominates (one with a rate at most as high and a
+    PSNR at least as high, better in one of the two), in their original order. A codec trained at
+    several λ can be run at any of them, so a dominated point is never the codec's best: keeping it
+    would bend the fitted curve backwards (a client whose PSNR stops rising while its rate keeps
+    changing gave BD-rates of several hundred percent)."""
+    keep = [i for i in range(log_rate.size)
+            if not np.any((log_rate <= log_rate[i]) & (psnr >= psnr[i])
+                          & ((log_rate < log_rate[i]) | (psnr > psnr[i])))]
+    return log_rate[keep], psnr[keep]
+
+
 def _fit(x: np.ndarray, y: np.ndarray, label: str, low_y_wins: bool):
     """PCHIP interpolant of y(x); of points with equal x only the best y (lowest or highest) is kept."""
     try:
@@ -76,8 +90,8 @@ def bd_rate(rate_a: Sequence[float], dist_a: Sequence[float],
 
     ``dist_*`` are PSNR values in dB (higher is better). Negative means b needs fewer bits.
     """
-    la, qa = _points(rate_a, dist_a, "a")
-    lb, qb = _points(rate_b, dist_b, "b")
+    la, qa = operational(*_points(rate_a, dist_a, "a"))
+    lb, qb = operational(*_points(rate_b, dist_b, "b"))
     d = _mean_gap(qa, la, qb, lb, "PSNR (dB)", low_y_wins=True)
     return (10.0 ** d - 1.0) * 100.0
 
@@ -85,6 +99,6 @@ def bd_rate(rate_a: Sequence[float], dist_a: Sequence[float],
 def bd_psnr(rate_a: Sequence[float], dist_a: Sequence[float],
             rate_b: Sequence[float], dist_b: Sequence[float]) -> float:
     """Average PSNR difference (dB) of curve b against anchor a at equal rate; positive means b is better."""
-    la, qa = _points(rate_a, dist_a, "a")
-    lb, qb = _points(rate_b, dist_b, "b")
+    la, qa = operational(*_points(rate_a, dist_a, "a"))
+    lb, qb = operational(*_points(rate_b, dist_b, "b"))
     return _mean_gap(la, qa, lb, qb, "log10(rate)", low_y_wins=False)
