@@ -29,6 +29,13 @@ CLIENTS = 10  # the clusters source's
 SHARED_NUMEL = 11028
 
 
+@pytest.fixture(autouse=True)
+def _keep_log_capture(monkeypatch):
+    """The ClientApp's ensure_logging() stops the 'fedcodec' logger's propagation (right in a Flower
+    process, wrong in pytest's): without this, later tests' caplog would see nothing."""
+    monkeypatch.setattr(client_app, "ensure_logging", lambda: None)
+
+
 def run_config(out, **extra) -> dict:
     return {"neural": OPTIONS, "seed": 1, "threads": 1, "out-dir": str(out), "node-wait": 5.0} | extra
 
