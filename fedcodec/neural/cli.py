@@ -78,9 +78,8 @@ def add_parser(sub) -> None:
                                        "sample size): study.md, study.json, rd-ci.png, bd-vs-n.png",
                          description="Summarise every <folder>/n<N>/seed<S>/results.json of studies made by "
                                      "'fedcodec neural train --seeds ...' as one study (BD-rates per client with "
-                                     "95%% confidence intervals over seeds, J per λ, the crossover n*), without "
-                                     "training anything.",
-                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     "95% confidence intervals over seeds, J per λ, the crossover n*), without "
+                                     "training anything.")
     st.add_argument("folders", nargs="+", help="study output folders (each holding n<N>/seed<S>/)")
     st.add_argument("--out", required=True, help="where study.md, study.json and the plots go")
     st.add_argument("--lambdas", help="only these comma-separated λ values (default: every λ of the units)")
