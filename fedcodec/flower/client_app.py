@@ -92,20 +92,12 @@ def train(msg: Message, context: Context) -> Message:
     from ..fl.client import client_fit, client_receive
     from ..fl.downlink import DownlinkError
 
-    pid, num = partition_of(context)
     sim, settings = _simulation(context)
     t1 = time.perf_counter()
-    if num is not None and num != sim.cfg.num_clients:
-        raise ValueError(f"node config num-partitions={num} but the run has num-clients={sim.cfg.num_clients}")
-    rec = msg.content[RECORD]
-    round_num, client, broadcast = rec.get("round"), rec.get("client"), rec.get("broadcast")
-    if not (isinstance(round_num, int) and isinstance(client, int) and isinstance(broadcast, bytes)):
-        raise ValueError("a train message needs round (int), client (int) and broadcast (bytes)")
-    if client != pid:
-        raise ValueError(f"message for client {client} reached the node holding partition {pid}")
+    pid, round_num, broadcast, rec = _opened(msg, context, sim, "train")
     if context.node_config.get(TEST_GARBAGE) is True:
         return garbage_reply(msg, pid, round_num)
-    store = context.state[STATE].to_torch_state_dict() if STATE in context.state else {}
+    store = _store(context)
     try:
         if rec.get("simulate") == SIMULATE_DROPOUT:  # the config's simulated failure: broadcast in, nothing out
             client_receive(sim.runtime, broadcast, round_num, pid, state=store)
@@ -117,8 +109,7 @@ def train(msg: Message, context: Context) -> Message:
         payload, info = client_fit(sim.runtime, broadcast, x, y, sim.training, round_num, pid, state=store)
     except DownlinkError as err:  # nothing was stored: context.state keeps the old copy
         log.warning("round %d: %s", round_num, err)
-        return Message(RecordDict({RECORD: ConfigRecord({"client": pid, "refused-broadcast": err.reason,
-                                                         "detail": err.detail})}), reply_to=msg)
+        return _refused(msg, pid, err)
     if store:
         context.state[STATE] = ArrayRecord(torch_state_dict=store)
     if settings.corrupt_partition == pid:  # test hook: a byte flipped in transit (same length)
@@ -151,29 +142,48 @@ def evaluate(msg: Message, context: Context) -> Message:
     from ..fl.downlink import DownlinkError
     from ..neural.deploy import evaluate_client
 
-    pid, _ = partition_of(context)
     sim, settings = _simulation(context)
     if not settings.neural:
         raise ValueError("evaluate messages belong to learned-compression runs (run config 'neural'); "
                          "a classification run is evaluated by the ServerApp")
-    rec = msg.content[RECORD]
-    round_num, client, broadcast = rec.get("round"), rec.get("client"), rec.get("broadcast")
-    if not (isinstance(round_num, int) and isinstance(client, int) and isinstance(broadcast, bytes)):
-        raise ValueError("an evaluate message needs round (int), client (int) and broadcast (bytes)")
-    if client != pid:
-        raise ValueError(f"message for client {client} reached the node holding partition {pid}")
-    store = context.state[STATE].to_torch_state_dict() if STATE in context.state else {}
+    pid, round_num, broadcast, _ = _opened(msg, context, sim, "evaluate")
+    store = _store(context)
     try:
         point = evaluate_client(sim, broadcast, round_num, pid, store)
     except DownlinkError as err:
         log.warning("evaluation: %s", err)
-        return Message(RecordDict({RECORD: ConfigRecord({"client": pid, "refused-broadcast": err.reason,
-                                                         "detail": err.detail})}), reply_to=msg)
+        return _refused(msg, pid, err)
     if store:
         context.state[STATE] = ArrayRecord(torch_state_dict=store)
     log.info("evaluation, client %d: %d test samples in %d bytes (%.4g per unit), MSE %.4g", pid,
              point["examples"], point["bytes"], point["rate"], point["mse"])
     return Message(RecordDict({RECORD: ConfigRecord({"client": pid}), METRICS: MetricRecord(point)}), reply_to=msg)
+
+
+def _opened(msg: Message, context: Context, sim, kind: str) -> tuple[int, int, bytes, ConfigRecord]:
+    """(partition, round, broadcast, record) of a ``kind`` message to this node, checked: the node
+    config's partition matches the run, the message names that client and has its fields' types."""
+    pid, num = partition_of(context)
+    if num is not None and num != sim.cfg.num_clients:
+        raise ValueError(f"node config num-partitions={num} but the run has num-clients={sim.cfg.num_clients}")
+    rec = msg.content[RECORD]
+    round_num, client, broadcast = rec.get("round"), rec.get("client"), rec.get("broadcast")
+    if not (isinstance(round_num, int) and isinstance(client, int) and isinstance(broadcast, bytes)):
+        raise ValueError(f"a {kind} message needs round (int), client (int) and broadcast (bytes)")
+    if client != pid:
+        raise ValueError(f"message for client {client} reached the node holding partition {pid}")
+    return pid, round_num, broadcast, rec
+
+
+def _store(context: Context) -> dict:
+    """The client's private store, as this node's context state keeps it (empty at first)."""
+    return context.state[STATE].to_torch_state_dict() if STATE in context.state else {}
+
+
+def _refused(msg: Message, pid: int, err) -> Message:
+    """The answer of a client that could not take in its broadcast (a DownlinkError): its store is as it was."""
+    return Message(RecordDict({RECORD: ConfigRecord({"client": pid, "refused-broadcast": err.reason,
+                                                     "detail": err.detail})}), reply_to=msg)
 
 
 def garbage_reply(msg: Message, pid: int, round_num: int) -> Message:

@@ -241,6 +241,35 @@ class FlowerTransport:
         return replies
 
 
+def _record_of(client: int, answer, node: int | None) -> tuple[ConfigRecord | None, str | None]:
+    """(the ``fedcodec`` ConfigRecord of ``answer``, None) or (None, why the answer is unusable): not a
+    Message, an error, from another node than ``node`` (None: not checked), no content or record, or
+    a record naming another client. ``answer`` is not None."""
+    if not isinstance(answer, Message):
+        return None, f"the reply is a {type(answer).__name__}, not a Message"
+    if answer.has_error():
+        return None, _error_text(answer)
+    src = answer.metadata.src_node_id
+    if node is not None and src != node:
+        return None, f"the reply came from node {_short(src)}; partition {client} is bound to node {node}"
+    if not answer.has_content():
+        return None, "the reply has neither content nor an error"
+    rec = answer.content.config_records.get(RECORD)
+    if not isinstance(rec, ConfigRecord):
+        return None, f"the reply holds no ConfigRecord {RECORD!r}"
+    if rec.get("client") != client or not _int(rec.get("client")):
+        return None, f"the reply names client {_short(rec.get('client'))}"
+    return rec, None
+
+
+def _refusal(rec: ConfigRecord) -> tuple[str | None, str | None]:
+    """(the recorded reason, None) of a ``refused-broadcast`` answer, or (None, why it is malformed)."""
+    tag, detail = rec["refused-broadcast"], rec.get("detail", "")
+    if not (isinstance(tag, str) and isinstance(detail, str)):
+        return None, f"refused-broadcast {_short(tag)} / detail {_short(detail)}: not strings"
+    return refusal_reason(tag[:40], detail), None
+
+
 def read_reply(client: int, answer: Message | None, node: int | None = None, late: bool = False,
                dropout: bool = False) -> Reply:
     """A ClientApp's answer to client ``client``'s train message as a :class:`Reply`, never trusting
@@ -253,26 +282,13 @@ def read_reply(client: int, answer: Message | None, node: int | None = None, lat
 
     if answer is None:
         return Reply(client, TIMED_OUT, reason="no reply before the round's deadline")
-    if not isinstance(answer, Message):
-        return bad(f"the reply is a {type(answer).__name__}, not a Message")
-    if answer.has_error():
-        return bad(_error_text(answer))
-    src = answer.metadata.src_node_id
-    if node is not None and src != node:
-        return bad(f"the reply came from node {_short(src)}; partition {client} is bound to node {node}")
-    if not answer.has_content():
-        return bad("the reply has neither content nor an error")
+    rec, why = _record_of(client, answer, node)
+    if why is not None:
+        return bad(why)
     content = answer.content
-    rec = content.config_records.get(RECORD)
-    if not isinstance(rec, ConfigRecord):
-        return bad(f"the reply holds no ConfigRecord {RECORD!r}")
-    if rec.get("client") != client or not _int(rec.get("client")):
-        return bad(f"the reply names client {_short(rec.get('client'))}")
     if "refused-broadcast" in rec:  # the client could not take in its broadcast; its copy is as it was
-        tag, detail = rec["refused-broadcast"], rec.get("detail", "")
-        if not (isinstance(tag, str) and isinstance(detail, str)):
-            return bad(f"refused-broadcast {_short(tag)} / detail {_short(detail)}: not strings")
-        return Reply(client, DROPPED, reason=refusal_reason(tag[:40], detail), resync=True)
+        reason, why = _refusal(rec)
+        return bad(why) if why is not None else Reply(client, DROPPED, reason=reason, resync=True)
     if "dropped" in rec:
         if rec["dropped"] is not True:
             return bad(f"dropped={_short(rec['dropped'])}")
@@ -347,22 +363,12 @@ def evaluate_on_nodes(grid: Grid, sim, state, holders: dict[int, int],
 def _evaluation_of(client: int, answer, node: int, examples: int, check_point) -> tuple[dict | None, str | None]:
     if answer is None:
         return None, "no reply before the deadline"
-    if not isinstance(answer, Message):
-        return None, f"the reply is a {type(answer).__name__}, not a Message"
-    if answer.has_error():
-        return None, _error_text(answer)
-    if answer.metadata.src_node_id != node:
-        return None, f"the reply came from node {_short(answer.metadata.src_node_id)}; partition {client} is " \
-                     f"bound to node {node}"
-    if not answer.has_content():
-        return None, "the reply has neither content nor an error"
-    rec = answer.content.config_records.get(RECORD)
-    if not isinstance(rec, ConfigRecord):
-        return None, f"the reply holds no ConfigRecord {RECORD!r}"
-    if rec.get("client") != client or not _int(rec.get("client")):
-        return None, f"the reply names client {_short(rec.get('client'))}"
+    rec, why = _record_of(client, answer, node)
+    if why is not None:
+        return None, why
     if "refused-broadcast" in rec:
-        return None, refusal_reason(str(rec["refused-broadcast"])[:40], str(rec.get("detail", ""))[:200])
+        reason, why = _refusal(rec)
+        return None, why or reason
     metrics = answer.content.metric_records.get(METRICS)
     if not isinstance(metrics, MetricRecord):
         return None, f"the reply holds no MetricRecord {METRICS!r}"
