@@ -551,6 +551,8 @@ class Config:
     server_beta2: float = setting(0.99, "beta2 of adam and yogi, in [0, 1)")
     server_tau: float = setting(1e-3, "adaptivity tau > 0 of adam and yogi")
     server_initial_v: float | None = setting(None, "adam, yogi: v >= 0 before the first round (none: server_tau**2)")
+    server_warmup: int = setting(0, "rounds over which the server learning rate ramps linearly up to server_lr "
+                                 "(0: none)", at_least=0)
     plugins: str = setting("", "Python modules imported before the run is built, space- or comma-separated: "
                            "they register codecs and methods (example: examples/ternary_codec.py)")
     # evaluation and output

@@ -118,6 +118,21 @@ def test_server_optimizer_state_is_checkpointed_and_resume_is_bit_identical(tmp_
     assert buffers and all(torch.equal(a.global_params[n], b.global_params[n]) for n in buffers)
 
 
+def test_the_loop_hands_the_round_number_to_the_warm_up():
+    """server_warmup=4: round 1 moves the model a quarter of the plain FedAvg step (same clients,
+    same updates)."""
+    sim, plain = setup(small_config("fedavg", rounds=1), SOURCE)
+    start = {k: v.clone() for k, v in plain.global_params.items()}
+    plain = run_round(sim, plain, InProcessTransport(sim))
+    sim2, ramped = setup(small_config("fedavg", rounds=1, server_warmup=4), SOURCE)
+    ramped = run_round(sim2, ramped, InProcessTransport(sim2))
+    weights = [t.name for t in sim.spec.tensors if t.role != "buffer"]
+    for n in weights:
+        torch.testing.assert_close(ramped.global_params[n] - start[n], 0.25 * (plain.global_params[n] - start[n]),
+                                   rtol=0, atol=1e-6)
+    assert any(not torch.equal(ramped.global_params[n], plain.global_params[n]) for n in weights)
+
+
 def test_a_round_that_keeps_the_model_leaves_the_optimizer_state_alone():
     cfg = small_config("fedavg", rounds=2, server_optimizer="momentum", max_update_norm=1e-9)
     sim, state = setup(cfg, SOURCE)

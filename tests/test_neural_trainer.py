@@ -209,3 +209,40 @@ def test_load_accepts_files_without_best_round_and_refuses_a_bad_one(tmp_path):
         else:
             with pytest.raises(ConfigError, match="best_round"):
                 Trained.load(path)
+
+
+@pytest.mark.parametrize("trainer, engine_warmup", [("fedadam", 5), ("fedsgd-adam", 10)])
+def test_server_warmup_reaches_the_engine_in_its_rounds(trainer, engine_warmup):
+    """``server_warmup`` counts the trainer's rounds; fedsgd-adam's engine rounds are its gradient
+    steps (2 per round here: 16 rows in batches of 8), so its ramp is twice as many engine rounds."""
+    sim, _ = build_simulation(_source(), "federated", 100.0, _settings(trainer=trainer, server_warmup=5))
+    assert sim.cfg.server_warmup == engine_warmup
+    assert sim.server_optimizer.options.warmup == engine_warmup
+    sim, _ = build_simulation(_source(), "federated", 100.0, _settings(trainer=trainer))
+    assert sim.cfg.server_warmup == 0
+    with pytest.raises(Exception, match="server_warmup must be an integer >= 0"):
+        _settings(server_warmup=-1).check()
+
+
+def test_server_warmup_slows_the_first_round():
+    """Round 1 of a 4-round ramp moves the shared transforms a quarter as far as without one (Adam's
+    first step is lr·m/(√v+τ), linear in lr)."""
+    src = _source()
+    moves = []
+    for w in (0, 4):
+        sim, state = build_simulation(src, "federated", 100.0, _settings(rounds=1, server_lr=0.05, server_warmup=w))
+        x0 = {k: v.clone() for k, v in state.global_params.items()}
+        state = run_round(sim, state)
+        moves.append({k: (state.global_params[k].double() - x0[k].double()) for k in sim.spec.names})
+    for k in moves[0]:
+        torch.testing.assert_close(moves[1][k], 0.25 * moves[0][k], rtol=0, atol=1e-6)
+    assert any(moves[0][k].abs().max() > 1e-3 for k in moves[0])
+
+
+def test_results_written_before_an_option_existed_still_resume():
+    """A results file from before ``server_warmup`` existed reads as the option's default."""
+    current = Settings().__dict__
+    old = {k: v for k, v in current.items() if k != "server_warmup"}
+    assert Settings.completed(old) == current
+    assert Settings.completed({**old, "server_warmup": 7})["server_warmup"] == 7
+    assert Settings.completed(current) == current

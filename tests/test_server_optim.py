@@ -251,6 +251,9 @@ def test_a_state_that_does_not_fit_is_refused():
     ({"tau": 0.0}, "server_tau must be a positive number"),
     ({"tau": float("inf")}, "server_tau"),
     ({"initial_v": -1e-6}, "server_initial_v"),
+    ({"warmup": -1}, "server_warmup must be an integer >= 0"),
+    ({"warmup": 2.5}, "server_warmup"),
+    ({"warmup": True}, "server_warmup"),
 ])
 def test_options_are_validated(kwargs, match):
     with pytest.raises(ConfigError, match=match):
@@ -280,8 +283,34 @@ def test_config_keys():
         build_config("quick", overrides={"server_optimizer": "adagrad"})
     with pytest.raises(ConfigError, match="server_tau"):
         build_config("quick", overrides={"server_optimizer": "adam", "server_tau": -1.0})
+    overrides, _ = parse_assignments(["server_optimizer=adam", "server_warmup=20"])
+    assert ServerOptimizerConfig.from_config(build_config("quick", overrides=overrides)).warmup == 20
+    assert Config().server_warmup == 0
+    with pytest.raises(ConfigError, match="server_warmup"):
+        build_config("quick", overrides={"server_warmup": -3})
     with pytest.raises(ConfigError, match="^server_lr expects a number or none, got 'fast'$"):
         parse_assignments(["server_lr=fast"])
+
+
+def test_warmup_ramps_the_rate_linearly_then_holds_it():
+    """Round t steps at lr * min(1, t / W); W = 0 or no round number is the plain rule."""
+    spec = ModelSpec((TensorSpec("w", (1,), "weight"),))
+    x0, d = {"w": torch.tensor([1.0])}, {"w": torch.tensor([0.5], dtype=torch.float64)}
+    opt = ServerOptimizer(spec, ServerOptimizerConfig("sgd", lr=1.0, warmup=4))
+    x, state, seen = x0, {}, []
+    for t in range(1, 6):
+        x, state = opt.step(x, d, state, round_num=t)
+        seen.append(x["w"].item())
+    assert seen == [1.125, 1.375, 1.75, 2.25, 2.75]  # steps 0.125, 0.25, 0.375, 0.5, 0.5
+    assert opt.step(x0, d, {})[0]["w"].item() == 1.5  # no round number: the full rate
+    # adam, round 1 of a 10-round ramp: a tenth of the hand-computed first step (test_pinned_values)
+    adam = ServerOptimizer(spec, ServerOptimizerConfig("adam", lr=0.1, warmup=10))
+    assert adam.step(x0, d, {}, round_num=1)[0]["w"].item() == pytest.approx(1.009802019, abs=2e-7)
+    plain = ServerOptimizer(SPEC, OPTIONS["adam"])
+    ramped0 = ServerOptimizer(SPEC, dataclasses.replace(OPTIONS["adam"], warmup=0))
+    a, _ = run(plain, model(), deltas(rounds=1))
+    b, _ = ramped0.step(model(), deltas(rounds=1)[0], {}, round_num=1)
+    assert all(torch.equal(a[k], b[k]) for k in a)  # W = 0: bit for bit the plain rule
 
 
 # --- convergence ----------------------------------------------------------------------------------

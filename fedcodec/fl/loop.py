@@ -276,7 +276,8 @@ def run_round(sim, state, transport: Transport, callbacks: tuple[Callback, ...] 
     taken: dict = {}
 
     def optimizer_step(global_params: Update, step: dict) -> Update:
-        new, taken["state"] = sim.server_optimizer.step(global_params, step, state.optimizer_state)
+        new, taken["state"] = sim.server_optimizer.step(global_params, step, state.optimizer_state,
+                                                         plan.round)
         return new
 
     new_params, outcome = server_round(sim.runtime.uplink, sim.spec, state.global_params, plan.round,

@@ -59,6 +59,9 @@ def add_parser(sub) -> None:
                                      "local-adam (Adam on the clients, averaged: the earlier trainer)")
     t.add_argument("--client-lr", type=float, help="fedadam: the clients' SGD learning rate on loss/λ")
     t.add_argument("--server-lr", type=float, help="fedadam, fedsgd-adam: the server Adam's learning rate")
+    t.add_argument("--server-warmup", type=int,
+                   help="fedadam, fedsgd-adam: rounds over which the server's learning rate ramps linearly up "
+                        "to --server-lr (default: the source's; 0: none)")
     t.add_argument("--val-fraction", type=float,
                    help="share of each client's training data held out to choose the final round (0: the last)")
     t.add_argument("--offsets", choices=("on", "off"),
@@ -180,6 +183,7 @@ def run(args) -> int:
                         method=args.method, keep_optimizer_state=args.optimizer_state == "keep",
                         prior_lr_scale=args.prior_lr_scale, trainer=args.trainer, val_fraction=args.val_fraction,
                         client_lr=args.client_lr, server_lr=args.server_lr,
+                        server_warmup=args.server_warmup,
                         offsets=None if args.offsets is None else args.offsets == "on")
         settings = {k: v for k, v in settings.items() if v is not None}
         if args.seeds or len(samples) > 1:

@@ -73,6 +73,8 @@ class NeuralRun:
     prior_lr_scale: float | None = setting(None, "the entropy model's lr as a multiple of lr", above=0)
     client_lr: float | None = setting(None, "fedadam: the clients' SGD lr on loss/λ", above=0)
     server_lr: float | None = setting(None, "fedadam, fedsgd-adam: the server Adam's lr", above=0)
+    server_warmup: int | None = setting(None, "fedadam, fedsgd-adam: rounds of the server lr's linear ramp",
+                                        at_least=0)
     val_fraction: float | None = setting(None, "share of each client's training data held out", at_least=0,
                                          below=1)
     offsets: bool = setting(True, "quantize around each channel's median of the client's entropy model")

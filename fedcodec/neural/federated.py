@@ -52,7 +52,7 @@ from __future__ import annotations
 import copy
 import json
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import MISSING, dataclass, field, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -96,6 +96,7 @@ class Settings:
     server_beta1: float = 0.9
     server_beta2: float = 0.99
     server_tau: float = 1e-3
+    server_warmup: int = 0  # fedadam, fedsgd-adam: rounds of the server lr's linear ramp (0: none)
     val_fraction: float = 0.2  # of each client's training data held out for validation (0: none)
     val_every: int | None = None  # rounds between validations (None: rounds // 10, at least 1)
     offsets: bool = True  # the model's latent offsets (NTCConfig.offsets, where the architecture has it)
@@ -113,7 +114,16 @@ class Settings:
             raise ConfigError(f"val_every must be >= 1, got {self.val_every!r}")
         if min(self.rounds, self.local_epochs, self.batch_size) < 1:
             raise ConfigError("rounds, local_epochs and batch_size must be >= 1")
+        if isinstance(self.server_warmup, bool) or not isinstance(self.server_warmup, int) or self.server_warmup < 0:
+            raise ConfigError(f"server_warmup must be an integer >= 0 (rounds), got {self.server_warmup!r}")
         return self
+
+    @classmethod
+    def completed(cls, saved: dict) -> dict:
+        """``saved`` (a results file's settings) with the options added since it was written set
+        to their defaults, which is what the code of that time did: older folders still resume."""
+        return {**{f.name: f.default for f in fields(cls) if f.name not in saved and f.default is not MISSING},
+                **saved}
 
     @property
     def validate_every(self) -> int:
@@ -330,7 +340,9 @@ def build_simulation(src: NeuralSource, mode: str, lmbda: float, s: Settings) ->
         # no norm clipping (the engine's default defence against hostile clients): clipping honest but
         # heterogeneous clients' updates to 2x the median norm biases the mean the server's Adam steps on
         server = {"server_optimizer": "adam", "server_lr": s.server_lr, "server_beta1": s.server_beta1,
-                  "server_beta2": s.server_beta2, "server_tau": s.server_tau, "clip_factor": 0.0}
+                  "server_beta2": s.server_beta2, "server_tau": s.server_tau, "clip_factor": 0.0,
+                  # the ramp counts the trainer's rounds; fedsgd-adam's engine rounds are its steps
+                  "server_warmup": s.server_warmup * (steps if trainer == "fedsgd-adam" else 1)}
         if local:  # a client-local entropy model: its own Adam at lr · prior_lr_scale
             prior_opt, prior_scale = "adam", s.lr * s.prior_lr_scale / client_lr
     cfg = Config(seed=s.seed, rounds=rounds, num_clients=k, clients_per_round=k, local_epochs=s.local_epochs,
