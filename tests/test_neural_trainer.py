@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from fedcodec.codecs import CodecContext
+from fedcodec.errors import ConfigError
 from fedcodec.fl import server as server_mod
 from fedcodec.fl.simulation import run_round
 from fedcodec.neural.federated import Settings, Trained, build_simulation, split_data, train
@@ -220,7 +221,7 @@ def test_server_warmup_reaches_the_engine_in_its_rounds(trainer, engine_warmup):
     assert sim.server_optimizer.options.warmup == engine_warmup
     sim, _ = build_simulation(_source(), "federated", 100.0, _settings(trainer=trainer))
     assert sim.cfg.server_warmup == 0
-    with pytest.raises(Exception, match="server_warmup must be an integer >= 0"):
+    with pytest.raises(ConfigError, match="server_warmup must be an integer >= 0"):
         _settings(server_warmup=-1).check()
 
 

@@ -128,7 +128,8 @@ def run_sweep(source: str, lambdas: list[float] | None, modes: list[str], out: P
     out.mkdir(parents=True, exist_ok=True)
     results_path = out / "results.json"
     done = json.loads(results_path.read_text()) if results_path.exists() else {}
-    if done and (Settings.completed(done.get("settings") or {}) != s.__dict__ or done.get("source_args", source_args) != source_args):
+    saved = Settings.completed(done.get("settings") or {})
+    if done and (saved != s.__dict__ or done.get("source_args", source_args) != source_args):
         raise ConfigError(f"{out} holds results made with other settings ({done.get('settings')}); "
                           "use another --out or delete it")
     curves: dict[str, dict[str, dict]] = done.get("curves", {})
