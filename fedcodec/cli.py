@@ -117,9 +117,10 @@ def _add_frontier(sub) -> None:
                                                 "(they set the seed key, over --config and --set)")
     _jobs_arg(p)
     p.add_argument("--from", dest="from_dirs", nargs="+", metavar="DIR",
-                   help="no training: build the frontier from the finished runs (<method>/metrics.json) in or "
-                        "below these folders (up to 4 levels down), e.g. runs/<name> of compare or frontier; "
-                        "the experiment flags are then ignored")
+                   help="no training: build the frontier from the finished runs (<method>/metrics.json, or "
+                        "archived *.run.json files as benchmarks/results/ holds them) in or below these folders "
+                        "(up to 4 levels down), e.g. runs/<name> of compare or frontier; the experiment flags "
+                        "are then ignored")
     p.add_argument("--plot-out", metavar="DIR",
                    help="where frontier.md and frontier.png go (default: the run folder <out>/<name>; with --from, "
                         "the first DIR)")
@@ -259,7 +260,8 @@ def _cmd_frontier(args) -> int:
     from .frontier import build
 
     if args.from_dirs:
-        dest = Path(args.plot_out or args.from_dirs[0])
+        first = Path(args.from_dirs[0])
+        dest = Path(args.plot_out) if args.plot_out else first.parent if first.is_file() else first
         table, md, png = build(args.from_dirs, dest)
     else:
         runs = []

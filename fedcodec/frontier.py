@@ -2,7 +2,9 @@
 
 A user picks a codec by asking how much accuracy it costs for how many uplink bytes, every byte
 counted. :func:`build` answers from finished run folders (``<method>/metrics.json``, as
-:func:`fedcodec.report.write_method` leaves them, anywhere up to :data:`MAX_DEPTH` folders down):
+:func:`fedcodec.report.write_method` leaves them, anywhere up to :data:`MAX_DEPTH` folders down) and
+from archived runs (``*.run.json`` files of the same shape, ``benchmarks/archive_run.py``: a run's
+config and summary kept in the repository after its folder is gone):
 
 - runs are grouped into *points* by their recipe: the method and, where set, its ``lr`` and
   ``codec_options`` (``factor-32-ec lr=0.05`` is another point than ``factor-32-ec``); the seeds of a
@@ -41,6 +43,8 @@ from .files import read_bounded
 MAX_METRICS_BYTES = 64 << 20
 #: how many folders below each ``--from`` folder method folders are looked for (``root/s0/fedavg``: 2)
 MAX_DEPTH = 4
+#: how an archived run's file is named (``benchmarks/archive_run.py``)
+ARCHIVE_SUFFIX = ".run.json"
 #: at most this many runs in one frontier
 MAX_RUNS = 10_000
 #: config keys that are no part of a run's setting: the seed (averaged over), the recipe (one point
@@ -109,35 +113,45 @@ def pareto_front(points: Sequence[tuple[float, float]]) -> list[bool]:
 # --- reading run folders ---
 
 def find_runs(dirs: Iterable[str | Path], max_depth: int = MAX_DEPTH) -> list[Path]:
-    """The method folders (holding a ``metrics.json`` file) in or below each of ``dirs``, at most
-    ``max_depth`` folders down, in name order, each once; symbolic links to folders are not followed,
-    and nothing below a method folder is searched."""
+    """The method folders (holding a ``metrics.json`` file) and archived runs (``*.run.json`` files)
+    in or below each of ``dirs``, at most ``max_depth`` folders down, in name order, each once; an
+    entry of ``dirs`` may also name one ``*.run.json`` file. Symbolic links are not followed, and
+    nothing below a method folder is searched."""
     found: dict[Path, None] = {}
+
+    def add(path: Path) -> None:
+        found[path.resolve()] = None
+        if len(found) > MAX_RUNS:
+            raise ConfigError(f"more than {MAX_RUNS} runs under {', '.join(map(str, dirs))}; "
+                              "point at the folders of one setting")
 
     def walk(folder: Path, depth: int) -> None:
         if (folder / "metrics.json").is_file():
-            found[folder.resolve()] = None
-            if len(found) > MAX_RUNS:
-                raise ConfigError(f"more than {MAX_RUNS} run folders under {', '.join(map(str, dirs))}; "
-                                  "point at the folders of one setting")
-            return
-        if depth >= max_depth:
+            add(folder)
             return
         try:
-            entries = sorted(e.path for e in os.scandir(folder) if e.is_dir(follow_symlinks=False))
+            entries = sorted((e.path, e.is_dir(follow_symlinks=False), e.is_file(follow_symlinks=False))
+                             for e in os.scandir(folder))
         except OSError as err:
             raise ConfigError(f"folder {folder} cannot be read ({err.strerror or err})") from None
-        for path in entries:
-            walk(Path(path), depth + 1)
+        for path, is_dir, is_file in entries:
+            if is_file and path.endswith(ARCHIVE_SUFFIX):
+                add(Path(path))
+            elif is_dir and depth < max_depth:
+                walk(Path(path), depth + 1)
 
     dirs = [Path(d) for d in dirs]
     for d in dirs:
-        if not d.is_dir():
-            raise ConfigError(f"{d} is not a folder; --from takes run folders, e.g. runs/<name>")
-        walk(d, 0)
+        if d.is_file() and d.name.endswith(ARCHIVE_SUFFIX):
+            add(d)
+        elif not d.is_dir():
+            raise ConfigError(f"{d} is not a folder or a {ARCHIVE_SUFFIX} file; --from takes run folders, e.g. "
+                              "runs/<name>, or archived runs")
+        else:
+            walk(d, 0)
     if not found:
-        raise ConfigError(f"no finished runs (<method>/metrics.json) in or below {', '.join(map(str, dirs))} "
-                          f"(searched {max_depth} folders down)")
+        raise ConfigError(f"no finished runs (<method>/metrics.json or *{ARCHIVE_SUFFIX}) in or below "
+                          f"{', '.join(map(str, dirs))} (searched {max_depth} folders down)")
     return list(found)
 
 
@@ -149,9 +163,12 @@ def _number(value: Any, field: str, path: Path, nan: bool = False) -> float:
 
 
 def read_run(folder: str | Path) -> Run:
-    """The :class:`Run` of a method folder's ``metrics.json`` (see the module docstring for what is
-    checked); a config key the file lacks (added to fedcodec after the run) takes its default."""
-    path = Path(folder) / "metrics.json"
+    """The :class:`Run` of a method folder's ``metrics.json``, or of an archived ``*.run.json`` file
+    (see the module docstring for what is checked); a config key the file lacks (added to fedcodec
+    after the run) takes its default."""
+    path = Path(folder)
+    if not (path.name.endswith(ARCHIVE_SUFFIX) and path.is_file()):
+        path = path / "metrics.json"
     data = read_bounded(path, MAX_METRICS_BYTES, "run metrics")
     if len(data) > MAX_METRICS_BYTES:
         raise ResultsFileError(f"{path} is larger than {MAX_METRICS_BYTES} bytes; not a metrics.json of fedcodec")
@@ -238,12 +255,13 @@ def points(runs: Sequence[Run]) -> list[Point]:
 
 def markdown(pts: Sequence[Point]) -> str:
     """One row per point: seeds, final accuracy (mean, sample std over seeds; — for one seed), best
-    accuracy (mean), uplink bytes per update, bits per parameter, ratio to float32, front or not."""
+    accuracy (mean; — where a run recorded none), uplink bytes per update, bits per parameter, ratio to float32, front or not."""
     rows = ["| method | seeds | final acc % | ± std | best acc % | uplink B/update | bits/param | ratio vs fp32 "
             "| front |", "|---|---|---:|---:|---:|---:|---:|---:|:---:|"]
     for p in pts:
         std = f"{100 * p.final_std:.2f}" if p.final_std is not None else "—"
-        rows.append(f"| {p.label} | {', '.join(map(str, p.seeds))} | {100 * p.final:.2f} | {std} | {100 * p.best:.2f} "
+        best = "—" if math.isnan(p.best) else f"{100 * p.best:.2f}"  # a run that recorded none (archives)
+        rows.append(f"| {p.label} | {', '.join(map(str, p.seeds))} | {100 * p.final:.2f} | {std} | {best} "
                     f"| {p.bytes_per_update:,.0f} | {p.bits_per_parameter:.3f} | {p.ratio_vs_fp32:.1f}x "
                     f"| {'yes' if p.on_front else 'no'} |")
     return "\n".join(rows)
@@ -309,4 +327,4 @@ def build(folders: Sequence[str | Path], dest: str | Path) -> tuple[str, Path, P
 
 
 __all__ = ["Run", "Point", "mean_std", "pareto_front", "find_runs", "read_run", "check_one_setting", "points",
-           "markdown", "plot", "build", "MAX_METRICS_BYTES", "MAX_DEPTH", "NOT_SETTING"]
+           "markdown", "plot", "build", "MAX_METRICS_BYTES", "MAX_DEPTH", "NOT_SETTING", "ARCHIVE_SUFFIX"]

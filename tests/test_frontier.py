@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -12,6 +13,8 @@ from fedcodec import frontier
 from fedcodec.cli import main
 from fedcodec.config import METHODS, build_config, resolve_method
 from fedcodec.errors import ConfigError, ResultsFileError
+
+ROOT = Path(__file__).resolve().parents[1]
 
 # the tiniest real setting: 16 clients of the synthetic set (125 examples each), one client, one round;
 # wider initial weights than the paper's, so that one round moves the accuracy off 10% (and seeds differ)
@@ -160,6 +163,14 @@ def test_from_folders_builds_the_table_from_literal_runs(tmp_path, capsys):
     assert rows[0] in out and f"frontier: {tmp_path / 'out' / 'frontier.md'}" in out
 
 
+def test_a_point_whose_runs_recorded_no_best_accuracy_shows_a_dash(tmp_path):
+    write_run(tmp_path / "s0" / "qsgd-4", "qsgd-4", 0, (0.80, math.nan, 1000, 0.5, 44.0))
+    write_run(tmp_path / "s1" / "qsgd-4", "qsgd-4", 1, (0.90, 0.91, 1000, 0.5, 44.0))
+    [row] = frontier.markdown(frontier.points([frontier.read_run(f) for f in frontier.find_runs([tmp_path])]))\
+        .splitlines()[2:]
+    assert row == "| qsgd-4 | 0, 1 | 85.00 | 7.07 | — | 1,000 | 0.500 | 44.0x | yes |"
+
+
 def test_from_refuses_runs_of_two_settings(tmp_path, capsys):
     write_run(tmp_path / "a" / "fedavg", "fedavg", 0, (0.86, 0.87, 44000, 32.0, 1.0))
     write_run(tmp_path / "b" / "qsgd-4", "qsgd-4", 0, (0.80, 0.82, 1000, 0.5, 44.0), partition="dirichlet")
@@ -272,6 +283,49 @@ def test_frontier_rerun_does_not_retrain_and_from_gives_the_same_table(trained, 
     capsys.readouterr()
     assert main(["frontier", "--from", str(trained), str(tmp_path / "copy"), "--plot-out", str(tmp_path)]) == 2
     assert "fedavg, seed 0 is in two folders" in capsys.readouterr().err
+
+
+def test_archived_runs_give_the_same_table_as_their_folders(trained, tmp_path, capsys):
+    """benchmarks/archive_run.py keeps a run's config and summary as <name>.run.json; frontier --from
+    reads those files (in a folder, or named one by one) like the run folders they came from."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("archive_run", ROOT / "benchmarks" / "archive_run.py")
+    archive_run = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(archive_run)
+    table = table_rows((trained / "frontier.md").read_text())
+    dest = tmp_path / "results" / "tiny"
+    for metrics in sorted(trained.glob("s*/*/metrics.json")):
+        name = f"{metrics.parent.name}-{metrics.parent.parent.name}"
+        assert archive_run.main([str(metrics), str(dest / f"{name}.run.json"), "--command", "fedcodec run x",
+                                 "--commit", "abc1234"]) == 0
+    kept = json.loads((dest / "fedavg-s0.run.json").read_text())
+    assert kept["archived"] == {"command": "fedcodec run x", "commit": "abc1234"}
+    assert [sorted(r) for r in kept["rounds"]] == [["accepted", "accuracy", "clients", "clipped", "downlink_bytes",
+                                                    "rejected", "round", "train_loss", "uplink_bytes"]]
+    assert main(["frontier", "--from", str(tmp_path / "results"), "--plot-out", str(tmp_path / "a")]) == 0
+    assert table_rows((tmp_path / "a" / "frontier.md").read_text()) == table
+    files = sorted(map(str, dest.glob("*.run.json")))
+    assert len(files) == 4
+    assert main(["frontier", "--from", *files]) == 0  # files named one by one; the table goes beside them
+    assert table_rows((dest / "frontier.md").read_text()) == table
+    # an archived run and the folder it came from are the same run twice
+    capsys.readouterr()
+    assert main(["frontier", "--from", str(dest), str(trained / "s0"), "--plot-out", str(tmp_path / "b")]) == 2
+    assert "seed 0 is in two folders" in capsys.readouterr().err
+
+
+def test_a_malformed_archived_run_is_a_typed_error_naming_it(tmp_path):
+    path = tmp_path / "x.run.json"
+    path.write_text('{"config": {"method": "fedavg"}, "summary": {"final_accuracy": 0.5}}')
+    with pytest.raises(ResultsFileError) as err:
+        frontier.build([tmp_path], tmp_path)
+    assert str(path) in str(err.value) and "summary field best_accuracy" in str(err.value)
+    (tmp_path / "notes.json").write_text("{}")  # other JSON files are not runs
+    path.unlink()
+    with pytest.raises(ConfigError, match=r"no finished runs \(<method>/metrics.json or \*.run.json\)"):
+        frontier.find_runs([tmp_path])
+    with pytest.raises(ConfigError, match="is not a folder or a .run.json file"):
+        frontier.find_runs([tmp_path / "notes.json"])
 
 
 def test_frontier_rejects_bad_seeds_and_methods_before_training(tmp_path, capsys):
