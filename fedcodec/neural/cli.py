@@ -29,7 +29,8 @@ def add_parser(sub) -> None:
     t.add_argument("--lambdas", help="comma-separated λ values (loss = rate + λ·MSE); default: the source's sweep")
     t.add_argument("--modes", default="federated,global,local",
                    help="which trainings to run: federated (shared transforms, personal entropy models), global "
-                        "(everything shared), local (each client alone), oracle (transforms trained on all "
+                        "(everything shared), local (each client alone), federated-bias (federated with the "
+                        "synthesis's output bias personal too), oracle (transforms trained on all "
                         "clients' data pooled, personal entropy models: a ceiling, not deployable)")
     t.add_argument("--rounds", type=int, help="federated rounds (default: the source's)")
     t.add_argument("--local-epochs", type=int)

@@ -33,7 +33,8 @@ COMPARISONS = [("local", "federated"), ("local", "federated+fit"), ("global", "f
                ("newcomer: shared prior", "newcomer: own prior"), ("newcomer: global", "newcomer: global+fit"),
                ("holdout: jpeg", "holdout: federated"), ("holdout: jpeg", "holdout: global"),
                ("holdout: jpeg", "holdout: local"), ("holdout: jpeg", "holdout: webp"),
-               ("federated", "oracle"), ("local", "oracle"), ("federated (no offsets)", "federated")]
+               ("federated", "oracle"), ("local", "oracle"), ("federated (no offsets)", "federated"),
+               ("local", "federated-bias"), ("federated", "federated-bias")]
 
 
 def _fitted(models: list[NTC], data: list[torch.Tensor], s: Settings, salt: int) -> list[NTC]:
@@ -72,7 +73,7 @@ def evaluate(src: NeuralSource, trained: Trained, s: Settings) -> dict[str, dict
     k = src.num_clients
     models = [trained.model(c) for c in range(k)]
     pts = {trained.mode: _curve_point(models, src.test)}
-    if getattr(models[0].cfg, "offsets", False) and trained.mode in ("federated", "local", "oracle"):
+    if getattr(models[0].cfg, "offsets", False) and trained.mode in ("federated", "federated-bias", "local", "oracle"):
         pts[f"{trained.mode} (no offsets)"] = _curve_point([_without_offsets(m) for m in models], src.test)
     if trained.mode == "federated":
         fitted = _fitted(models, src.train, s, 1)

@@ -8,6 +8,11 @@ client-local:
   update codec, fp32 by default; a codec that changes how clients train, such as FedMRN's masks
   over noise, applies to them alone), the entropy model ``prior.*`` is personalized, trains
   directly and never leaves its client;
+- ``federated-bias``: ``federated`` with one more personal tensor, the synthesis transform's output
+  bias (:func:`~fedcodec.neural.models.output_bias_name`: one value per output dimension or
+  channel). It trains on the client like the entropy model (with the client's optimizer) and never
+  leaves it, so each client's decoder can output its own data's mean at zero rate, which a decoder
+  shared by all cannot, while everything else stays shared;
 - ``global``: everything averaged, one codec for all;
 - ``local``: everything client-local: each client trains its own codec alone (its uplink carries
   no tensor at all), always with Adam on everything, its moments kept between rounds;
@@ -69,10 +74,10 @@ from ..fl.simulation import RunState, Simulation, local_training, pooled, run_ro
 from ..fl.task import TaskLoss
 from ..safetensors_header import load_tensors, read_header
 from .codec import Coder
-from .models import NTC, PRIOR_PREFIX, NTCConfig, NTCTask, build_ntc, ntc_shapes
+from .models import NTC, PRIOR_PREFIX, NTCConfig, NTCTask, build_ntc, ntc_shapes, output_bias_name
 from .sources import NeuralSource
 
-MODES = ("federated", "global", "local", "oracle")
+MODES = ("federated", "federated-bias", "global", "local", "oracle")
 TRAINERS = ("fedadam", "fedsgd-adam", "local-adam")
 #: purpose of the validation split's seed path (kept apart from :mod:`fedcodec.fl.rng`'s purposes)
 VALIDATION = 1001
@@ -160,8 +165,11 @@ def gradient_steps(n: int, s: Settings) -> int:
 
 
 def local_names(model: NTC, mode: str) -> frozenset[str]:
+    """The client-local (personal) parameters of ``mode``: they train on each client and never travel."""
     if mode in ("federated", "oracle"):
         return frozenset(model.prior_names())
+    if mode == "federated-bias":
+        return frozenset(model.prior_names()) | {output_bias_name(model.cfg)}
     if mode == "global":
         return frozenset()
     if mode == "local":
@@ -232,7 +240,7 @@ class Trained:
         numel = sum(math.prod(s) for s in shapes.values())
         if numel > MAX_CODEC_PARAMS:
             raise fail(f"its architecture {cfg} has {numel:,} parameters, more than the {MAX_CODEC_PARAMS:,} allowed")
-        local = local_names_of(shapes, info["mode"])
+        local = local_names_of(shapes, info["mode"], cfg)
         want = {n: s for n, s in shapes.items() if n not in local}
         want |= {f"client/{c}/{n}": shapes[n] for c in range(info["clients"]) for n in local}
         have = {k: e.shape for k, e in header.tensors.items()}
@@ -265,10 +273,11 @@ _CODEC_INFO = {"model": dict, "mode": str, "lmbda": (int, float), "clients": int
                "uplink_payloads": int}
 
 
-def local_names_of(shapes: dict[str, tuple[int, ...]], mode: str) -> frozenset[str]:
-    """:func:`local_names` from parameter names alone (what a model built on ``meta`` gives)."""
-    if mode in ("federated", "oracle"):
-        return frozenset(n for n in shapes if n.startswith(PRIOR_PREFIX))
+def local_names_of(shapes: dict[str, tuple[int, ...]], mode: str, cfg: NTCConfig) -> frozenset[str]:
+    """:func:`local_names` from parameter names alone (``shapes``: :func:`ntc_shapes` of ``cfg``)."""
+    if mode in ("federated", "oracle", "federated-bias"):
+        extra = {output_bias_name(cfg)} if mode == "federated-bias" else set()
+        return frozenset(n for n in shapes if n.startswith(PRIOR_PREFIX)) | extra
     return frozenset(shapes) if mode == "local" else frozenset()
 
 

@@ -90,6 +90,12 @@ class NTCConfig:
         return cls(**value).validate()
 
 
+def output_bias_name(cfg: NTCConfig) -> str:
+    """The name of the synthesis transform's output bias (its last layer's bias: one value per
+    output dimension or channel), which ``federated-bias`` training keeps client-local."""
+    return "g_s.4.bias" if cfg.kind == "vector" else f"g_s.{2 * (cfg.downs - 1)}.bias"
+
+
 #: the largest architecture a saved codec may declare (each field's maximum)
 NTC_LIMITS = {"dim": 4096, "latent": 1024, "hidden": 4096, "downs": 8}
 

@@ -37,7 +37,8 @@ from .bdrate import bd_rate
 #: (anchor, test) pairs summarised per client; negative = the test mode needs fewer bits
 STUDY_COMPARISONS = [("local", "federated"), ("local", "federated+fit"), ("global", "federated"),
                      ("local", "global+ft"), ("federated", "oracle"), ("local", "oracle"),
-                     ("federated (no offsets)", "federated")]
+                     ("federated (no offsets)", "federated"), ("local", "federated-bias"),
+                     ("federated", "federated-bias")]
 
 
 def unit_dir(out: Path, samples: int | None, seed: int) -> Path:
@@ -227,7 +228,7 @@ def summarize(by_n: dict[str, list[dict]], source: str = "", seeds: list[int] | 
     study: dict = {"source": source, "seeds": list(seeds or []), "by_samples": {}}
     for n, results in by_n.items():
         modes = [m for m in results[0]["curves"][next(iter(results[0]["curves"]))] if not m.startswith("_")]
-        train_modes = [m for m in ("federated", "global", "local", "oracle") if m in modes]
+        train_modes = [m for m in ("federated", "federated-bias", "global", "local", "oracle") if m in modes]
         entry: dict = {"unit": results[0].get("unit", ""), "comparisons": {}, "J": {}, "overlap": [], "curves": {}}
         for anchor, test in STUDY_COMPARISONS:
             if anchor not in modes or test not in modes:
