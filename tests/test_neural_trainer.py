@@ -247,3 +247,60 @@ def test_results_written_before_an_option_existed_still_resume():
     assert Settings.completed(old) == current
     assert Settings.completed({**old, "server_warmup": 7})["server_warmup"] == 7
     assert Settings.completed(current) == current
+
+
+def test_output_bias_names_are_the_synthesis_last_layers():
+    from fedcodec.neural.models import output_bias_name
+
+    for cfg, want in ((CFG, "g_s.4.bias"), (NTCConfig("image", 3, latent=4, hidden=8, downs=2), "g_s.2.bias"),
+                      (NTCConfig("image", 1, latent=4, hidden=8, downs=3), "g_s.4.bias")):
+        assert output_bias_name(cfg) == want
+        last = list(build_ntc(cfg, 0).g_s.named_parameters())[-1]
+        assert f"g_s.{last[0]}" == want and last[1].shape == (cfg.dim,)
+
+
+def test_federated_bias_keeps_the_output_bias_home_and_in_the_codec_file(monkeypatch, tmp_path):
+    """federated-bias: the synthesis's output bias trains on each client like its entropy model, is
+    never in what the server receives, differs per client, and travels in the codec file per client."""
+    src = _source()
+    seen: list[dict] = []
+    real = server_mod.server_round
+
+    def spy(uplink, spec, global_params, rnd, payloads, *a, **kw):
+        for client, (data, _) in payloads.items():
+            seen.append(uplink.decode(data, CodecContext(spec, client=client, round=rnd, reference=global_params)))
+        return real(uplink, spec, global_params, rnd, payloads, *a, **kw)
+
+    monkeypatch.setattr("fedcodec.fl.loop.server_round", spy)
+    t = train(src, "federated-bias", 100.0, _settings(rounds=3, val_every=1), progress=False)
+    personal = set(build_ntc(CFG, 0).prior_names()) | {"g_s.4.bias"}
+    assert len(seen) == 9
+    for dec in seen:
+        assert "g_s.4.bias" not in dec and not personal & set(dec) and "g_s.4.weight" in dec
+    assert "g_s.4.bias" not in t.shared and all(set(loc) == personal for loc in t.local)
+    init = build_ntc(CFG, 0).state_dict()["g_s.4.bias"]
+    biases = [loc["g_s.4.bias"] for loc in t.local]
+    assert all(not torch.equal(b, init) for b in biases)  # trained on each client...
+    assert not torch.equal(biases[0], biases[1]) and not torch.equal(biases[1], biases[2])  # ...each its own
+    # the clients' data means are 0, 1, 2 (see _source): each bias moved toward its client's
+    assert float(biases[2].mean() - biases[0].mean()) > 0
+    t.save(tmp_path / "codec.safetensors")
+    back = Trained.load(tmp_path / "codec.safetensors")
+    assert back.mode == "federated-bias"
+    for c in range(3):
+        a, b = t.model(c).state_dict(), back.model(c).state_dict()
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    # a federated codec's file (one shared output bias) is not a federated-bias one, and vice versa
+    from safetensors.torch import load_file, save_file
+    import json as _json
+
+    from fedcodec.errors import CodecModelError
+    from fedcodec.safetensors_header import read_header
+
+    meta = read_header(tmp_path / "codec.safetensors", lambda m: ValueError(m), max_header=1 << 20,
+                       dtypes=("F32",)).metadata
+    info = _json.loads(meta["info"])
+    save_file(load_file(str(tmp_path / "codec.safetensors")), str(tmp_path / "relabel.safetensors"),
+              metadata={**meta, "info": _json.dumps({**info, "mode": "federated"})})
+    with pytest.raises(CodecModelError, match="unexpected: client/0/g_s.4.bias"):
+        Trained.load(tmp_path / "relabel.safetensors")
