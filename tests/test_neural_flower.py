@@ -68,8 +68,8 @@ def test_neural_options_are_parsed_and_checked():
         4, 300, "qsgd-8", {"ef": True}, False, 0.0)
     for text, message in [("source=clusters lamda=3", "did you mean 'lambda'"),
                           ("lambda=0", "lambda expects a number > 0"),
-                          ("mode=oracle", "mode expects one of federated, global"),
-                          ("mode=local", "mode expects one of federated, global"),
+                          ("mode=oracle", "mode expects one of federated, federated-bias, global"),
+                          ("mode=local", "mode expects one of federated, federated-bias, global"),
                           ("source=nope", "source expects one of"),
                           ("val_fraction=1", "val_fraction expects"),
                           ("lambda=3 lmbda=4", "given twice"),
@@ -190,6 +190,37 @@ def test_learned_compression_on_flower_matches_in_process_and_priors_stay_on_the
                                                        "eval_downlink_bytes")} == \
         {k: v for k, v in reference[-1].items() if k not in ("rate_est", "mse", "test_loss")}
     assert metrics["config"]["neural"]["lambda"] == 100.0
+
+
+def test_federated_bias_on_flower_keeps_the_output_bias_on_the_nodes(tmp_path):
+    """mode=federated-bias through the Flower apps: the same run as in-process, bit for bit; the
+    synthesis's output bias (16 values) never travels: not in model.pt, not in any reply (the train
+    payloads are 64 bytes shorter than federated mode's), and each node holds its own."""
+    options = OPTIONS.replace("rounds=3", "rounds=2") + " mode=federated-bias"
+    out = tmp_path / "out"
+    rc = run_config(out) | {"neural": options}
+    cfg, settings = parse_run_config(rc)
+    grid = InProcessGrid(client_app.app, CLIENTS, rc)
+    server_app.run_rounds(grid, cfg, settings, out)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        sim, state = NeuralRun.parse(options).simulation(cfg)
+        for _ in range(2):
+            state = run_round(sim, state)
+    finally:
+        torch.set_num_threads(threads)
+    model = torch.load(out / "model.pt", weights_only=True)
+    assert "g_s.4.bias" not in model and "g_s.4.weight" in model
+    assert set(model) == set(sim.spec.names) and all(torch.equal(model[n], state.global_params[n]) for n in model)
+    for kind, reply in grid.received:
+        assert not reply.content.array_records
+        if kind == "train":
+            assert len(reply.content.config_records[RECORD]["payload"]) == 4 * (SHARED_NUMEL - 16) + 26 == 44074
+    biases = [grid.contexts[101 + c].state[client_app.STATE].to_torch_state_dict()[LOCAL + "g_s.4.bias"]
+              for c in range(CLIENTS)]
+    assert not torch.equal(biases[0], biases[1])
+    assert all(torch.equal(biases[c], state.client_states[c][LOCAL + "g_s.4.bias"]) for c in range(CLIENTS))
 
 
 def test_a_learned_compression_run_cannot_resume(tmp_path):

@@ -46,7 +46,7 @@ from .federated import TRAINERS, Settings, build_simulation, rd_point
 from .sources import SOURCES, load_source
 
 #: the training modes a Flower run can take (``oracle`` needs the data pooled, ``local`` shares nothing)
-FLOWER_MODES = ("federated", "global")
+FLOWER_MODES = ("federated", "federated-bias", "global")
 #: the numbers a node's evaluation reply holds (``MetricRecord``), with their kinds
 POINT_KEYS = {"rate": float, "rate-est": float, "mse": float, "bytes": int, "examples": int}
 
@@ -58,8 +58,8 @@ class NeuralRun:
 
     source: str = setting("clusters", "the data source", choices=SOURCES)
     lmbda: float = setting(100.0, "λ of loss = rate + λ·MSE", above=0)
-    mode: str = setting("federated", "federated: shared transforms, personal entropy models; global: one codec "
-                        "for all", choices=FLOWER_MODES)
+    mode: str = setting("federated", "federated: shared transforms, personal entropy models; federated-bias: "
+                        "the synthesis's output bias personal too; global: one codec for all", choices=FLOWER_MODES)
     samples_per_client: int | None = setting(None, "training samples per client (synthetic, clusters, "
                                              "fashion-mnist)", at_least=2)
     alpha: float | None = setting(None, "clusters: Dirichlet concentration of each client's mixture", above=0)
