@@ -40,12 +40,12 @@ def run_config(out, **extra) -> dict:
     return {"neural": OPTIONS, "seed": 1, "threads": 1, "out-dir": str(out), "node-wait": 5.0} | extra
 
 
-def in_process(cfg):
+def in_process(cfg, options: str = OPTIONS, rounds: int = 3):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        sim, state = NeuralRun.parse(OPTIONS).simulation(cfg)
-        for _ in range(3):
+        sim, state = NeuralRun.parse(options).simulation(cfg)
+        for _ in range(rounds):
             state = run_round(sim, state)
     finally:
         torch.set_num_threads(threads)
@@ -202,14 +202,7 @@ def test_federated_bias_on_flower_keeps_the_output_bias_on_the_nodes(tmp_path):
     cfg, settings = parse_run_config(rc)
     grid = InProcessGrid(client_app.app, CLIENTS, rc)
     server_app.run_rounds(grid, cfg, settings, out)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        sim, state = NeuralRun.parse(options).simulation(cfg)
-        for _ in range(2):
-            state = run_round(sim, state)
-    finally:
-        torch.set_num_threads(threads)
+    sim, state = in_process(cfg, options, rounds=2)
     model = torch.load(out / "model.pt", weights_only=True)
     assert "g_s.4.bias" not in model and "g_s.4.weight" in model
     assert set(model) == set(sim.spec.names) and all(torch.equal(model[n], state.global_params[n]) for n in model)
