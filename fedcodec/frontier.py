@@ -255,7 +255,8 @@ def points(runs: Sequence[Run]) -> list[Point]:
 
 def markdown(pts: Sequence[Point]) -> str:
     """One row per point: seeds, final accuracy (mean, sample std over seeds; — for one seed), best
-    accuracy (mean; — where a run recorded none), uplink bytes per update, bits per parameter, ratio to float32, front or not."""
+    accuracy (mean; — where a run recorded none), uplink bytes per update, bits per parameter, ratio
+    to float32, front or not."""
     rows = ["| method | seeds | final acc % | ± std | best acc % | uplink B/update | bits/param | ratio vs fp32 "
             "| front |", "|---|---|---:|---:|---:|---:|---:|---:|:---:|"]
     for p in pts:

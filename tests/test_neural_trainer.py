@@ -29,9 +29,8 @@ def _settings(**kw) -> Settings:
     return Settings(**{**base, **kw})
 
 
-def test_fedadam_server_is_adam_on_the_mean_update_and_the_prior_stays_home(monkeypatch):
-    src = _source()
-    s = _settings(rounds=1, server_lr=0.05, server_tau=1e-3, client_lr=0.1)
+def _server_receives(monkeypatch) -> list[dict]:
+    """A list that fills, as rounds run, with every update the server decodes from a client."""
     seen: list[dict] = []
     real = server_mod.server_round
 
@@ -41,6 +40,13 @@ def test_fedadam_server_is_adam_on_the_mean_update_and_the_prior_stays_home(monk
         return real(uplink, spec, global_params, rnd, payloads, *a, **kw)
 
     monkeypatch.setattr("fedcodec.fl.loop.server_round", spy)
+    return seen
+
+
+def test_fedadam_server_is_adam_on_the_mean_update_and_the_prior_stays_home(monkeypatch):
+    src = _source()
+    s = _settings(rounds=1, server_lr=0.05, server_tau=1e-3, client_lr=0.1)
+    seen = _server_receives(monkeypatch)
     sim, state = build_simulation(src, "federated", 100.0, s)
     assert sim.training.optimizer == "sgd" and sim.training.lr == s.client_lr / 100.0  # SGD on loss / λ
     x0 = dict(state.global_params)
@@ -263,15 +269,7 @@ def test_federated_bias_keeps_the_output_bias_home_and_in_the_codec_file(monkeyp
     """federated-bias: the synthesis's output bias trains on each client like its entropy model, is
     never in what the server receives, differs per client, and travels in the codec file per client."""
     src = _source()
-    seen: list[dict] = []
-    real = server_mod.server_round
-
-    def spy(uplink, spec, global_params, rnd, payloads, *a, **kw):
-        for client, (data, _) in payloads.items():
-            seen.append(uplink.decode(data, CodecContext(spec, client=client, round=rnd, reference=global_params)))
-        return real(uplink, spec, global_params, rnd, payloads, *a, **kw)
-
-    monkeypatch.setattr("fedcodec.fl.loop.server_round", spy)
+    seen = _server_receives(monkeypatch)
     t = train(src, "federated-bias", 100.0, _settings(rounds=3, val_every=1), progress=False)
     personal = set(build_ntc(CFG, 0).prior_names()) | {"g_s.4.bias"}
     assert len(seen) == 9

@@ -166,15 +166,9 @@ def gradient_steps(n: int, s: Settings) -> int:
 
 def local_names(model: NTC, mode: str) -> frozenset[str]:
     """The client-local (personal) parameters of ``mode``: they train on each client and never travel."""
-    if mode in ("federated", "oracle"):
-        return frozenset(model.prior_names())
-    if mode == "federated-bias":
-        return frozenset(model.prior_names()) | {output_bias_name(model.cfg)}
-    if mode == "global":
-        return frozenset()
-    if mode == "local":
-        return frozenset(n for n, _ in model.named_parameters())
-    raise ConfigError(f"unknown training mode {mode!r}; choose one of {', '.join(MODES)}")
+    if mode not in MODES:
+        raise ConfigError(f"unknown training mode {mode!r}; choose one of {', '.join(MODES)}")
+    return local_names_of({n: tuple(p.shape) for n, p in model.named_parameters()}, mode, model.cfg)
 
 
 @dataclass
@@ -274,7 +268,9 @@ _CODEC_INFO = {"model": dict, "mode": str, "lmbda": (int, float), "clients": int
 
 
 def local_names_of(shapes: dict[str, tuple[int, ...]], mode: str, cfg: NTCConfig) -> frozenset[str]:
-    """:func:`local_names` from parameter names alone (``shapes``: :func:`ntc_shapes` of ``cfg``)."""
+    """:func:`local_names` from parameter names alone (``shapes``: :func:`ntc_shapes` of ``cfg``, or a
+    model's parameters): the entropy model (``prior.*``) in ``federated``/``oracle``, with the
+    synthesis's output bias in ``federated-bias``; everything in ``local``; nothing in ``global``."""
     if mode in ("federated", "oracle", "federated-bias"):
         extra = {output_bias_name(cfg)} if mode == "federated-bias" else set()
         return frozenset(n for n in shapes if n.startswith(PRIOR_PREFIX)) | extra
