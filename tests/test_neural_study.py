@@ -137,3 +137,37 @@ def test_combine_makes_one_study_from_folders_of_units(tmp_path):
     (tmp_path / "a" / "n10" / "seed1" / "results.json").write_text("{not json")
     with pytest.raises(ConfigError, match="not a sweep's results.json"):
         combine([tmp_path / "a"], tmp_path / "out")
+
+
+def test_archived_study_gives_the_same_summary_as_its_folder(tmp_path):
+    """benchmarks/archive_neural.py copies a study's results (not its codecs) so that `neural study`
+    rebuilds the same summary from the copy; a folder without units and a corrupt unit are refused."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    from fedcodec.neural.study import combine
+
+    spec = importlib.util.spec_from_file_location(
+        "archive_neural", Path(__file__).resolve().parents[1] / "benchmarks" / "archive_neural.py")
+    archive = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(archive)
+    for seed, f in ((0, 0.5), (1, 0.8)):
+        unit = tmp_path / "run" / "n10" / f"seed{seed}"
+        (unit / "federated-l10").mkdir(parents=True)
+        (unit / "results.json").write_text(json.dumps({"source": "toy", **sweep({"local": [1, 1],
+                                                                                 "federated": [f, f]})}))
+        (unit / "federated-l10" / "codec.safetensors").write_bytes(b"weights")
+    assert archive.main([str(tmp_path / "run"), str(tmp_path / "kept"), "--command", "fedcodec neural train x",
+                         "--commit", "abc1234"]) == 0
+    kept = sorted(p.relative_to(tmp_path / "kept").as_posix() for p in (tmp_path / "kept").rglob("*") if p.is_file())
+    assert kept == ["ARCHIVED.md", "n10/seed0/results.json", "n10/seed1/results.json"]
+    assert "fedcodec neural train x" in (tmp_path / "kept" / "ARCHIVED.md").read_text()
+    a = combine([tmp_path / "run"], tmp_path / "a")["by_samples"]["10"]["comparisons"]["local -> federated"]
+    b = combine([tmp_path / "kept"], tmp_path / "b")["by_samples"]["10"]["comparisons"]["local -> federated"]
+    assert a == b and a["per_client_mean"] == pytest.approx(-35.0)
+    with pytest.raises(SystemExit):
+        archive.main([str(tmp_path / "a"), str(tmp_path / "x"), "--command", "c", "--commit", "d"])
+    (tmp_path / "run" / "n10" / "seed1" / "results.json").write_text("[]")
+    with pytest.raises(ConfigError, match="not a sweep's results.json"):
+        archive.main([str(tmp_path / "run"), str(tmp_path / "y"), "--command", "c", "--commit", "d"])
