@@ -19,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from fedcodec.neural.study import _load_unit  # noqa: E402
+from fedcodec.neural.study import load_unit  # noqa: E402
 from fedcodec.report import atomic_write_text  # noqa: E402
 
 
@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     if not units:
         p.error(f"{src} holds no n<N>/seed<S>/results.json: not a finished study")
     for unit in units:
-        _load_unit(unit, None)  # refuses a file that is not a sweep's results
+        load_unit(unit, None)  # refuses a file that is not a sweep's results
         rel = unit.parent.relative_to(src)
         (dest / rel).mkdir(parents=True, exist_ok=True)
         for name in ("results.json", "results.md"):

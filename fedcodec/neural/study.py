@@ -102,7 +102,7 @@ def write_study(study: dict, first: dict, out: Path) -> dict:
 MAX_RESULTS_BYTES = 64 << 20
 
 
-def _load_unit(path: Path, lambdas: set[float] | None) -> dict:
+def load_unit(path: Path, lambdas: set[float] | None) -> dict:
     """One unit's ``results.json``, checked for the shape :func:`summarize` reads, its curves cut to
     ``lambdas`` (all: None)."""
     def fail(why: str) -> ConfigError:
@@ -148,7 +148,7 @@ def combine(folders: list[Path], out: Path, lambdas: list[float] | None = None) 
             n, seed = path.parent.parent.name[1:], path.parent.name[len("seed"):]
             if not (n.isdigit() or n == "-default") or not seed.isdigit():
                 continue
-            result = _load_unit(path, wanted)
+            result = load_unit(path, wanted)
             if source is not None and result["source"] != source:
                 raise ConfigError(f"{path} is a study of {result['source']!r}, the others of {source!r}")
             source = result["source"]
